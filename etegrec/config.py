@@ -61,6 +61,7 @@ class DataConfig:
     max_bad_line_share: float = _f(
         0.01, "stop when more than this share of raw lines is malformed (0 = any bad line stops)"
     )
+    build_missing: bool = _f(True, "main.py builds missing earlier artifacts (steps 1-3) before training")
 
 
 @dataclass
@@ -509,3 +510,9 @@ def load_from_argv(argv: Sequence[str], default_config: str | None, aliases: dic
         candidate = REPO_ROOT / path
         path = str(candidate) if candidate.exists() else path
     return load_config(path, rest, aliases)
+
+
+if __name__ == "__main__":  # `python -m etegrec.config --config config/X.yaml [overrides]`: print the resolved config
+    import sys
+
+    print(dump_yaml(load_from_argv(sys.argv[1:], None), header="resolved configuration"), end="")

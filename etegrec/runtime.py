@@ -1,0 +1,111 @@
+"""Process setup shared by every stage: seeding, the Accelerator, logging, run folders, TensorBoard.
+
+Why ``Accelerator(cpu=True)`` without CUDA: with accelerate >= 1.x, ``accelerate launch`` of a MULTI_GPU
+config on a machine without CUDA starts N processes that each run alone (world size 1) unless the
+Accelerator is told to use the CPU; with ``cpu=True`` they form one gloo process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from etegrec.config import Config, dump_yaml
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logger = logging.getLogger("etegrec")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def make_accelerator(**kwargs: Any):
+    """An ``accelerate.Accelerator`` that forms a real process group on CPU-only machines too."""
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(**kwargs)
+
+
+def setup_logging(log_file: Path | None = None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
+    """Console logging (main process only) plus an optional log file; idempotent."""
+    root = logging.getLogger("etegrec")
+    root.setLevel(level if is_main else logging.WARNING)
+    root.propagate = False
+    fmt = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        root.addHandler(console)
+    if log_file is not None and is_main:
+        log_file = Path(log_file)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve() for h in root.handlers):
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+    return root
+
+
+def timestamp() -> str:
+    """Run-folder stamp, e.g. ``Nov-27-2026_21-45-03`` (seconds, so runs in the same minute differ)."""
+    return time.strftime("%b-%d-%Y_%H-%M-%S")
+
+
+def write_run_info(run_dir: Path, cfg: Config, argv: list[str] | None = None) -> None:
+    """Store the resolved config and command line beside a run's outputs."""
+    from etegrec.artifacts import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg, header="resolved configuration of this run"))
+    atomic_write_text(run_dir / "argv.txt", " ".join(argv if argv is not None else sys.argv) + "\n")
+
+
+class TensorBoard:
+    """A SummaryWriter on the main process, a no-op elsewhere or when disabled."""
+
+    def __init__(self, log_dir: Path | None, enabled: bool = True) -> None:
+        self.writer = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device=cpu or auto")
+    return torch.device(name)
+
+
+def cpu_threads() -> int:
+    """Threads torch uses on this process (respects OMP_NUM_THREADS)."""
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
