@@ -77,6 +77,7 @@ class SASRecConfig:
     sasrec_batch_size: int = _f(2048, "SASRec train and eval batch size")
     sasrec_stopping_step: int = _f(10, "SASRec early-stopping patience in epochs")
     sasrec_seed: int = _f(2020, "SASRec random seed")
+    sasrec_device: str = _f("auto", "device for SASRec training: auto (CUDA when present) | cpu | cuda | cuda:N")
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TextConfig:
         ["title", "brand", "categories", "description"], "item text fields, joined in this order"
     )
     text_batch_size: int = _f(64, "encoding batch size")
+    text_device: str = _f("auto", "device for text encoding: auto (CUDA when present) | cpu | cuda | cuda:N")
 
 
 @dataclass
@@ -112,6 +114,10 @@ class TokenizerConfig:
     rq_weight_decay: float = _f(0.0001, "RQ-VAE pretraining weight decay")
     rq_epochs: int = _f(3000, "RQ-VAE pretraining maximum epochs")
     rq_batch_size: int = _f(2048, "RQ-VAE pretraining batch size")
+    rq_warmup_epochs: int = _f(50, "RQ-VAE linear learning-rate warm-up epochs (then linear decay to 0 at rq_epochs)")
+    rq_dead_code_reset: bool = _f(
+        True, "after each pretraining epoch, move codes no item was assigned to onto random current residuals"
+    )
     rq_eval_step: int = _f(50, "epochs between collision evaluations")
     rq_patience: int = _f(20, "evaluations without a lower collision rate before stopping")
     rq_seed: int = _f(2024, "RQ-VAE random seed")
@@ -119,6 +125,7 @@ class TokenizerConfig:
     sk_epsilons: list[float] = _f([0.0, 0.0, 0.003], "Sinkhorn epsilon per level (0 = plain nearest code)")
     sk_iters: int = _f(50, "Sinkhorn iterations")
     rq_device: str = _f("auto", "device for pretraining: auto | cpu | cuda | cuda:N")
+    rq_ckpt_dir: str = _f("RQVAE/rqvae_ckpt", "RQ-VAE checkpoint root; runs go to <rq_ckpt_dir>/<dataset>/<TIMESTAMP>/")
     rqvae_path: str = _f(
         "", "pretrained RQ-VAE checkpoint for joint training; empty = newest best_collision_* of the dataset"
     )
@@ -177,6 +184,10 @@ class TrainConfig:
     )
     valid_metric: str = _f("ndcg@10", "model-selection metric (must be in metrics)")
     gradient_accumulation_steps: int = _f(1, "batches accumulated per optimiser step")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip of each optimiser step (0 = no clipping)")
+    bucket_window: int = _f(
+        50, "training batches per length-sorted window (histories of similar length share a batch; 1 = no bucketing)"
+    )
     num_workers: int = _f(0, "DataLoader worker processes")
     log_dir: str = _f("logs", "log root (relative to the repository root)")
     ckpt_dir: str = _f("myckpt", "checkpoint root (relative to the repository root)")
@@ -199,6 +210,15 @@ class GRPOConfig:
     grpo_early_stop: int = _f(5, "GRPO patience in evaluations")
     grpo_eval_step: int = _f(1, "GRPO epochs between validations")
     grpo_batch_size: int = _f(256, "histories per GRPO batch per process")
+    grpo_reward_type: str = _f(
+        "prefix",
+        "graded reward term beside the hit: prefix (shared item-code prefix / code_length) | cosine (cosine of "
+        "the tokenizer input vectors, as the reference) | none (hit only)",
+    )
+    grpo_num_iterations: int = _f(
+        1, "policy updates per batch of rollouts (mu in the GRPO paper); 1 = on-policy, the clip acts for > 1"
+    )
+    grpo_max_grad_norm: float = _f(1.0, "gradient-norm clip of GRPO updates (0 = no clipping)")
 
 
 SECTIONS: dict[str, type] = {
@@ -276,6 +296,13 @@ class Config:
             raise ConfigError(f"ablation={tr.ablation!r}; use one of: {', '.join(ablations)}")
         if tr.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_scheduler_type={tr.lr_scheduler_type!r}; use cosine, linear or constant")
+        if g.grpo_reward_type not in ("prefix", "cosine", "none"):
+            raise ConfigError(f"grpo_reward_type={g.grpo_reward_type!r}; use one of: prefix, cosine, none")
+        if g.grpo_num_iterations < 1 or g.grpo_temperature <= 0 or not 0 < g.grpo_clip_range < 1:
+            raise ConfigError(
+                "grpo_num_iterations must be >= 1, grpo_temperature > 0 and grpo_clip_range in (0, 1); got "
+                f"{g.grpo_num_iterations}, {g.grpo_temperature}, {g.grpo_clip_range}"
+            )
         if g.grpo_group_size < 2:
             raise ConfigError(f"grpo_group_size={g.grpo_group_size}: group-relative advantages need >= 2 samples")
         if d.max_his_len < 1 or d.min_interactions < 3:

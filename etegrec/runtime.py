@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from etegrec.config import Config, dump_yaml
 
@@ -26,6 +25,8 @@ logger = logging.getLogger("etegrec")
 
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -34,6 +35,7 @@ def set_seed(seed: int) -> None:
 
 def make_accelerator(**kwargs: Any):
     """An ``accelerate.Accelerator`` that forms a real process group on CPU-only machines too."""
+    import torch
     from accelerate import Accelerator
 
     if not torch.cuda.is_available():
@@ -97,8 +99,10 @@ class TensorBoard:
             self.writer.close()
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> "torch.device":
     """``auto`` = CUDA when present, else CPU; otherwise the named device."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -108,4 +112,6 @@ def pick_device(name: str) -> torch.device:
 
 def cpu_threads() -> int:
     """Threads torch uses on this process (respects OMP_NUM_THREADS)."""
+    import torch
+
     return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Step 3, option A: RQ-VAE tokenizer on the collaborative (SASRec) item vectors only.
+# Usage: cd RQVAE && bash run_pretrain.sh [--key value ...]     env: DATASET, DEVICE, EPOCHS, COLLAB_PATH
+set -euo pipefail
+cd "$(dirname "$0")"
+DATASET=${DATASET:-Instrument2018_5090}
+DEVICE=${DEVICE:-auto}                 # auto = cuda when present, else cpu
+EPOCHS=${EPOCHS:-EPOCHS_DEFAULT}                 # maximum; early stopping on the collision rate
+COLLAB_PATH=${COLLAB_PATH:-}           # e.g. ../RecBole/dataset/${DATASET}/${DATASET}_emb_256.npy; empty = config default
+
+python main.py --config "../config/${DATASET}.yaml" \
+  --tokenizer_input collab \
+  ${COLLAB_PATH:+--collab_path "$COLLAB_PATH"} \
+  --num_emb_list 256 256 256 \
+  --layers 1024 512 256 \
+  --e_dim 128 \
+  --batch_size 2048 \
+  --epochs "$EPOCHS" \
+  --device "$DEVICE" \
+  --sk_epsilons SK_DEFAULT \
+  --kmeans_iters 100 \
+  "$@"

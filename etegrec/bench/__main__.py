@@ -1,0 +1,37 @@
+"""``python -m etegrec.bench quality|speed [options] [--key=value overrides]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m etegrec.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="SASRec vs TIGER-style vs ETEGRec vs ETEGRec+GRPO, mean ± std over seeds")
+    q.add_argument("--datasets", nargs="+", default=["beauty", "scientific"], help="config/<name>.yaml datasets")
+    q.add_argument("--preset", default="cpu", choices=["cpu", "paper", "tiny"], help="model size and schedule")
+    q.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
+    q.add_argument("--models", nargs="+", default=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"])
+    q.add_argument("--out", default="bench_results", help="result folder (relative to the repository root)")
+    s = sub.add_parser("speed", help="training/evaluation throughput, peak memory, HF generate comparison")
+    s.add_argument("--dataset", default="beauty")
+    s.add_argument("--beams", nargs="+", type=int, default=[1, 10, 20, 50])
+    s.add_argument("--train_steps", type=int, default=10, help="timed optimiser steps per phase")
+    s.add_argument("--eval_users", type=int, default=512, help="users decoded per beam width")
+    s.add_argument("--batch_size", type=int, default=512)
+    s.add_argument("--out", default="bench_results")
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "quality":
+        from etegrec.bench.quality import run_quality
+
+        run_quality(args, overrides)
+    else:
+        from etegrec.bench.speed import run_speed
+
+        run_speed(args, overrides)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

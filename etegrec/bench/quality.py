@@ -1,0 +1,196 @@
+"""Quality benchmark: every model trained by this code on the same split, budget and seeds.
+
+For each dataset and seed, the whole pipeline runs in its own folder ``<out>/<preset>/<dataset>/seed<k>/``
+(data, vectors, tokenizer, checkpoints, logs), so seeds never share a trained artifact; the deterministic data
+preparation and text vectors are copied from the first seed's folder instead of being recomputed. Each
+finished (dataset, seed, model) result is stored at once in ``quality_<preset>.json``; a re-run skips
+finished entries (resume after an interruption by running the same command again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etegrec.artifacts import DatasetFiles, atomic_write_json, atomic_write_text
+from etegrec.config import REPO_ROOT, Config, load_config
+
+logger = logging.getLogger("etegrec.bench")
+
+REPORTED = ["recall@5", "ndcg@5", "recall@10", "ndcg@10"]
+
+# Published numbers on the exact Beauty split (TIGER paper, Rajput et al. 2023), as R@5 / N@5 / R@10 / N@10.
+PUBLISHED = {
+    "beauty": {
+        "SASRec (TIGER paper)": dict(zip(REPORTED, [0.0387, 0.0249, 0.0605, 0.0318])),
+        "TIGER (TIGER paper)": dict(zip(REPORTED, [0.0454, 0.0321, 0.0648, 0.0384])),
+    }
+}
+
+# Overrides applied on top of config/<dataset>.yaml. "paper" keeps the paper's model size and schedule.
+PRESETS: dict[str, list[str]] = {
+    "paper": [],
+    "cpu": [
+        "--max_his_len=20", "--sasrec_epochs=30", "--sasrec_stopping_step=3",
+        "--rq_epochs=500", "--rq_eval_step=25", "--rq_patience=8",
+        "--encoder_layers=2", "--decoder_layers=2", "--batch_size=256", "--eval_batch_size=128",
+        "--epochs=10", "--cycle=2", "--eval_step=2", "--warm_epoch=2", "--warmup_steps=500", "--early_stop=3",
+        "--finetune_epochs=8", "--finetune_early_stop=2", "--num_beams=20",
+        "--grpo_epochs=2", "--grpo_early_stop=1", "--grpo_batch_size=128",
+    ],
+    "tiny": [  # seconds-scale run used by the test suite: tiny models, few epochs, collaborative input only
+        "--max_his_len=5", "--sasrec_hidden_size=32", "--sasrec_layers=1", "--sasrec_heads=1", "--sasrec_epochs=1",
+        "--tokenizer_input=collab", "--layers", "64", "--e_dim=16", "--num_emb_list", "32", "32", "32",
+        "--code_num=32", "--rq_epochs=4", "--rq_eval_step=2", "--rq_batch_size=1024", "--kmeans_iters=5",
+        "--encoder_layers=1", "--decoder_layers=1", "--d_model=32", "--d_ff=64", "--num_heads=2", "--d_kv=16",
+        "--epochs=2", "--cycle=2", "--eval_step=2", "--warm_epoch=0", "--warmup_steps=10", "--early_stop=1",
+        "--finetune_epochs=1", "--finetune_early_stop=1", "--num_beams=10", "--batch_size=256",
+        "--eval_batch_size=256", "--metrics=recall@5,ndcg@5,recall@10,ndcg@10", "--grpo_epochs=1",
+        "--grpo_batch_size=64", "--grpo_group_size=2", "--tensorboard=false",
+    ],
+}
+
+
+def machine_description() -> str:
+    """The device the numbers came from, for every result file."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), {torch.get_num_threads()} CPU threads"
+    return f"CPU only, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list[str], ablation: str = "none") -> Config:
+    """The config of one (dataset, seed) run, isolated in its own folder."""
+    root = out / preset / dataset / f"seed{seed}"
+    argv = PRESETS[preset] + overrides + [
+        f"--data_path={root / 'data'}", f"--log_dir={root / 'logs'}", f"--ckpt_dir={root / 'ckpt'}",
+        f"--rq_ckpt_dir={root / 'rqvae'}", f"--seed={seed}", f"--sasrec_seed={seed}", f"--rq_seed={seed}",
+        f"--ablation={ablation}", "--rqvae_path=",
+    ]
+    return load_config(REPO_ROOT / "config" / f"{dataset}.yaml", argv)
+
+
+def _reuse_deterministic_files(cfg: Config, first: Config) -> None:
+    """Copy step-1 outputs and text vectors (identical for every seed) from the first seed's folder."""
+    src, dst = DatasetFiles.from_config(first), DatasetFiles.from_config(cfg)
+    if src.dir == dst.dir or not src.stats.is_file() or dst.stats.is_file():
+        return
+    dst.dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.dir.iterdir()):
+        if path.is_file() and ("_sentence-transformer_text_" in path.name or not path.name.endswith(".npy")):
+            if not path.name.endswith("sasrec_metrics.json"):
+                shutil.copy2(path, dst.dir / path.name)
+
+
+def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) -> dict[str, Any]:
+    """Train/evaluate one model; returns {"valid": {...}, "test": {...}, ...}."""
+    from etegrec.pipeline import build_missing
+    from etegrec.runtime import make_accelerator
+
+    build_missing(cfg)
+    if model == "SASRec":
+        metrics = json.loads(DatasetFiles.from_config(cfg).sasrec_metrics.read_text())
+        return {"valid": metrics.get("valid", {}), "test": metrics["test"]}
+    accelerator = make_accelerator()
+    if model in ("TIGER-style", "ETEGRec"):
+        from etegrec.rec.trainer import run as train_joint
+
+        cfg.train.ablation = "no_ete" if model == "TIGER-style" else cfg.train.ablation
+        return train_joint(cfg, accelerator)
+    if model == "ETEGRec+GRPO":
+        from etegrec.grpo.trainer import run as train_grpo
+
+        sft = results.get(f"{key_prefix}/ETEGRec", {}).get("checkpoint")
+        if not sft:
+            raise RuntimeError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
+        cfg.grpo.sft_ckpt = sft
+        return train_grpo(cfg, accelerator)
+    raise ValueError(f"unknown model {model!r}; use SASRec, TIGER-style, ETEGRec or ETEGRec+GRPO")
+
+
+def summarise(results: dict[str, Any], datasets: list[str], models: list[str]) -> dict[str, Any]:
+    """Mean and std over seeds of every test metric, per dataset and model."""
+    summary: dict[str, Any] = {}
+    for dataset in datasets:
+        for model in models:
+            runs = [r["test"] for k, r in results.items() if k.startswith(f"{dataset}/") and k.endswith(f"/{model}")]
+            if not runs:
+                continue
+            summary.setdefault(dataset, {})[model] = {
+                m: {
+                    "mean": statistics.fmean(r[m] for r in runs),
+                    "std": statistics.pstdev([r[m] for r in runs]) if len(runs) > 1 else 0.0,
+                    "n": len(runs),
+                }
+                for m in REPORTED
+                if all(m in r for r in runs)
+            }
+    return summary
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Result tables: mean ± std over seeds, published rows beside them."""
+    lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}.", ""]
+    for dataset, models in summary.items():
+        lines += [f"### {dataset} (test, full ranking, leave-one-out)", "", "| model | " + " | ".join(REPORTED) + " |",
+                  "|---|" + "---|" * len(REPORTED)]
+        for model, metrics in models.items():
+            cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in REPORTED]
+            lines.append(f"| {model} (n={next(iter(metrics.values()))['n'] if metrics else 0}) | " + " | ".join(cells) + " |")
+        for model, metrics in PUBLISHED.get(dataset, {}).items():
+            lines.append(f"| {model} | " + " | ".join(f"{metrics[m]:.4f}" for m in REPORTED) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """Run (or resume) the quality benchmark and write its JSON and Markdown results."""
+    from tqdm import tqdm
+
+    from etegrec.runtime import setup_logging
+
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
+    result_file = out / f"quality_{args.preset}.json"
+    setup_logging(out / f"quality_{args.preset}.log")
+    state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
+    meta = {"preset": args.preset, "seeds": args.seeds, "machine": machine_description(), "commit": _git_commit(),
+            "overrides": overrides}
+    jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
+    for dataset, seed, model in tqdm(jobs, desc="quality benchmark", unit="run"):
+        key = f"{dataset}/seed{seed}/{model}"
+        if key in state["runs"]:
+            continue  # finished in an earlier invocation
+        cfg = seed_config(dataset, args.preset, seed, out, overrides)
+        _reuse_deterministic_files(cfg, seed_config(dataset, args.preset, args.seeds[0], out, overrides))
+        logger.info("benchmark run %s", key)
+        start = time.perf_counter()
+        result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
+        entry = {k: v for k, v in result.items() if k in ("valid", "test", "checkpoint", "sft_valid", "sft_test")}
+        entry["wall_s"] = round(time.perf_counter() - start, 1)
+        state["runs"][key] = json.loads(json.dumps(entry, default=str))
+        state["meta"] = meta
+        atomic_write_json(result_file, state)
+    state["meta"] = meta
+    state["summary"] = summarise(state["runs"], args.datasets, args.models)
+    atomic_write_json(result_file, state)
+    table = markdown(state["summary"], meta)
+    atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
+    print(table)
+    return state

@@ -1,0 +1,109 @@
+"""The only place that imports RecBole: small, documented fixes that let recbole 1.2.1 run with current libraries.
+
+RecBole 1.2.1 (the last release) breaks with today's NumPy and PyTorch; rather than pinning old versions
+(``requirements.txt`` keeps ``numpy>=1.26``), this module fixes exactly four things and nothing else:
+
+1. **NumPy >= 2.0** removed ``np.float_``, ``np.complex_`` and ``np.unicode_``. RecBole's
+   ``Config.compatibility_settings`` reads them (to re-create ``np.float`` etc.), so every ``Config(...)`` raises
+   ``AttributeError``. We restore the three aliases (to ``np.float64``, ``np.complex128``, ``np.str_``, their
+   NumPy-1 values) before RecBole is imported. The aliases stay set for the process: they only add names that
+   NumPy 2 no longer has.
+2. **torch >= 2.6** defaults ``torch.load(weights_only=True)``; RecBole's checkpoint pickles its ``Config``
+   object, so ``Trainer.evaluate(load_best_model=True)`` fails. We never call it with ``True``:
+   ``load_best_checkpoint`` reads the file RecBole's own trainer wrote moments earlier in this process with
+   ``weights_only=False`` (trusted input) and loads its state dict.
+3. **``recbole.quick_start``** imports ``ray`` (which needs ``pkg_resources``). We never import it: the model,
+   trainer and data helpers are imported from their own modules below.
+4. **Process-global side effects of RecBole's ``Config``**: it parses ``sys.argv`` (so our own
+   ``--dataset=beauty`` would silently override its dataset name) and overwrites ``CUDA_VISIBLE_DEVICES``.
+   ``make_config`` hides ``sys.argv`` and restores the environment variable. Its trainer also writes TensorBoard
+   files to ``./log_tensorboard`` in the current directory; ``tensorboard_dir`` sends them to a folder we choose.
+
+Known and left alone: under pandas >= 3 (copy-on-write) RecBole's missing-value filling
+(``Dataset._fill_nan``, ``fillna(inplace=True)`` on a column) does nothing and warns ``ChainedAssignmentError``.
+The ``.inter`` file ``etegrec.embeddings.sasrec`` writes has no missing values, so nothing depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_NUMPY1_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}
+for _name, _value in _NUMPY1_ALIASES.items():
+    if _name not in np.__dict__:
+        setattr(np, _name, _value)
+
+# RecBole is imported only now, after the aliases exist (fix 1).
+import recbole.trainer.trainer as _recbole_trainer_module
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+
+__all__ = [
+    "Config",
+    "SASRec",
+    "Trainer",
+    "create_dataset",
+    "data_preparation",
+    "init_seed",
+    "load_best_checkpoint",
+    "make_config",
+    "tensorboard_dir",
+]
+
+
+def make_config(*, model: str, dataset: str, config_dict: dict[str, Any], device: torch.device) -> Config:
+    """Build a RecBole ``Config`` from ``config_dict`` alone and place it on ``device``.
+
+    ``sys.argv`` is hidden while RecBole parses it, and ``CUDA_VISIBLE_DEVICES`` is restored afterwards.
+    CUDA is queried first, so the GPUs this process sees are fixed before RecBole touches the variable.
+    """
+    torch.cuda.is_available()  # initialise the CUDA device list with the user's own environment
+    saved_argv, saved_cuda = sys.argv, os.environ.get("CUDA_VISIBLE_DEVICES")
+    sys.argv = sys.argv[:1]
+    try:
+        config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    finally:
+        sys.argv = saved_argv
+        if saved_cuda is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved_cuda
+    config["device"] = device
+    config["use_gpu"] = device.type == "cuda"
+    return config
+
+
+@contextlib.contextmanager
+def tensorboard_dir(path: Path) -> Iterator[None]:
+    """While active, RecBole trainers write their TensorBoard files to ``path`` instead of ``./log_tensorboard``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    original = _recbole_trainer_module.get_tensorboard
+    _recbole_trainer_module.get_tensorboard = lambda logger: SummaryWriter(str(path))
+    try:
+        yield
+    finally:
+        _recbole_trainer_module.get_tensorboard = original
+
+
+def load_best_checkpoint(trainer: Trainer) -> int:
+    """Load the best-validation weights RecBole's ``trainer.fit`` saved; return that checkpoint's epoch.
+
+    ``weights_only=False`` is needed because RecBole pickles its ``Config`` into the file; the file is the one
+    this process's trainer has just written (``trainer.saved_model_file``), not outside input.
+    """
+    checkpoint = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=False)
+    trainer.model.load_state_dict(checkpoint["state_dict"])
+    trainer.model.load_other_parameter(checkpoint.get("other_parameter"))
+    return int(checkpoint["epoch"])

@@ -1,0 +1,136 @@
+"""Joint-training checkpoints: one self-describing file per snapshot (design.md "Joint checkpoints").
+
+``<ckpt_dir>/<dataset>/<TIMESTAMP>/best.pt`` (best validated model) and ``last.pt`` (end of the latest epoch,
+with everything needed to resume) are ``torch.save`` dicts of tensors and plain containers, so
+``torch.load(path, weights_only=True)`` reads them::
+
+    {"format": "etegrec.joint/1", "config": cfg.to_dict(), "model": recommender state_dict,
+     "tokenizer": RQ-VAE state_dict, "tokenizer_args": RQVAE.model_args(), "item_codes": LongTensor (N, C),
+     "epoch": int, "phase": str, "metrics": dict, "optimizers": {name: state_dict}, "schedulers": {...},
+     "trainer": {stage, epoch, best score, patience, ...}, "rng": {...}}
+
+``load_joint`` rebuilds recommender, tokenizer and code table from the file alone (GRPO and evaluation use it).
+Deviation from the reference: one file instead of ``{epoch}.pt`` + ``.pt.rqvae`` + ``.code.json`` (spec §6.3),
+strict loading, and finetune checkpoints never overwrite the alternating phase's files by name collision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from etegrec.artifacts import STEP_JOINT, ArtifactError, atomic_torch_save
+from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state
+
+CKPT_FORMAT = "etegrec.joint/1"
+
+
+class JointState(NamedTuple):
+    """Everything a joint checkpoint rebuilds."""
+
+    cfg: Config
+    model: GenerativeRecommender
+    tokenizer: RQVAE
+    item_codes: Tensor  # (N, C) long, row j = item id j+1
+    raw: dict[str, Any]
+
+
+def build_recommender(cfg: Config, tokenizer_args: dict[str, Any]) -> GenerativeRecommender:
+    """The recommender that fits a tokenizer: PSA works in its input space, SIA in its latent space."""
+    return GenerativeRecommender(
+        cfg=cfg.model, semantic_dim=int(tokenizer_args["in_dim"]), latent_dim=int(tokenizer_args["e_dim"])
+    )
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_joint(
+    path: Path,
+    *,
+    cfg: Config,
+    model: GenerativeRecommender,
+    tokenizer: RQVAE,
+    item_codes: Tensor,
+    epoch: int,
+    phase: str,
+    metrics: dict[str, Any],
+    optimizers: dict[str, Any] | None = None,
+    schedulers: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+) -> None:
+    """Write a joint checkpoint atomically (format in the module docstring)."""
+    if item_codes.dim() != 2 or item_codes.shape[1] != model.code_length:
+        raise ValueError(f"item_codes must be (N, {model.code_length}), got {tuple(item_codes.shape)}")
+    obj: dict[str, Any] = {
+        "format": CKPT_FORMAT,
+        "config": cfg.to_dict(),
+        "model": _cpu_state(model),
+        "tokenizer": _cpu_state(tokenizer),
+        "tokenizer_args": tokenizer.model_args(),
+        "item_codes": item_codes.detach().cpu().long().clone(),
+        "epoch": int(epoch),
+        "phase": str(phase),
+        "metrics": dict(metrics),
+        "optimizers": optimizers or {},
+        "schedulers": schedulers or {},
+        "trainer": trainer or {},
+        "rng": rng or {},
+    }
+    atomic_torch_save(Path(path), obj)
+
+
+def read_joint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dict, checked for format (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"joint checkpoint {path} does not exist; it is made by {STEP_JOINT}.")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip / unpickling errors of a damaged or foreign file
+        raise ArtifactError(f"{path} is not a readable joint checkpoint ({type(err).__name__}: {err}).") from None
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise ArtifactError(
+            f"{path} is not an {CKPT_FORMAT} checkpoint (best.pt / last.pt of a run made by {STEP_JOINT})."
+        )
+    return obj
+
+
+def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> JointState:
+    """Rebuild config, recommender, tokenizer and item codes from one checkpoint file (strict).
+
+    Returns:
+        JointState with both models in eval mode on ``map_location``.
+    """
+    obj = read_joint(path, map_location)
+    try:
+        cfg = config_from_dict(obj["config"])
+    except ConfigError as err:
+        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err}).") from None
+    tokenizer = RQVAE(**obj["tokenizer_args"])
+    load_tokenizer_state(tokenizer, obj["tokenizer"], f"joint checkpoint {path}")
+    model = build_recommender(cfg, obj["tokenizer_args"])
+    try:
+        model.load_state_dict(obj["model"], strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{path}: recommender weights do not fit the stored config ({err}); the file is damaged or was written "
+            "by another version of the code."
+        ) from None
+    codes = obj["item_codes"]
+    if codes.dim() != 2 or codes.shape[1] != model.code_length:
+        raise ArtifactError(f"{path}: item_codes has shape {tuple(codes.shape)}, expected (N, {model.code_length}).")
+    return JointState(
+        cfg=cfg,
+        model=model.to(map_location).eval(),
+        tokenizer=tokenizer.to(map_location).eval(),
+        item_codes=codes.long(),
+        raw=obj,
+    )

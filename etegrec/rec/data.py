@@ -1,0 +1,206 @@
+"""Training and evaluation batches for the recommender: item-id histories turned into code tokens on the fly.
+
+A split is pre-tokenised once into int tensors (``SequenceDataset``). A batch is gathered with one indexing
+operation, padded only to the longest history *in the batch*, and mapped from item ids to code tokens by
+indexing the current item-code table (``CodeTable``), so a new table after a tokenizer epoch takes effect at
+the next batch without rebuilding anything. ``BucketBatchSampler`` shuffles, then sorts windows of batches by
+history length, so batches hold histories of similar length and padding stays small; it also deals batches
+to processes itself (every process runs the same number of steps, as DDP-style gradient averaging needs).
+
+Deviations from the reference code (``data.py``): batches are padded to the batch maximum in *items* exactly
+as there, but histories are length-bucketed; the history cap is ``max_his_len`` (the reference's 210-item
+collator cap with its off-by-one never triggers on 50-item histories).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from etegrec.artifacts import SplitData
+
+
+class ItemBatch(NamedTuple):
+    """A batch as item ids."""
+
+    history: Tensor  # (B, T) long, right-padded with 0, T = longest history in the batch
+    target: Tensor  # (B,) long
+
+
+class Batch(NamedTuple):
+    """A batch as code tokens, ready for the recommender."""
+
+    history_codes: Tensor  # (B, T*C) long, item-aligned, -1 = padding
+    target_codes: Tensor  # (B, C) long
+    target: Tensor  # (B,) long target item ids (1..N)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on ``device``."""
+        return Batch(*(t.to(device, non_blocking=True) for t in self))
+
+
+class CodeTable:
+    """The current item-code table with a padding row: ``table[0] = -1``, ``table[i] = codes of item i``.
+
+    The tensor lives in shared memory and is updated in place, so DataLoader workers see new codes too.
+    """
+
+    def __init__(self, codes: Tensor) -> None:
+        codes = torch.as_tensor(codes, dtype=torch.long)  # (N, C)
+        self.table = torch.cat([codes.new_full((1, codes.shape[1]), -1), codes]).share_memory_()  # (N+1, C)
+
+    @property
+    def codes(self) -> Tensor:
+        """(N, C) codes of items 1..N (a view)."""
+        return self.table[1:]
+
+    @property
+    def code_length(self) -> int:
+        return self.table.shape[1]
+
+    def update(self, codes: Tensor) -> None:
+        """Replace every item's codes (same shape)."""
+        if codes.shape != self.codes.shape:
+            raise ValueError(f"new code table has shape {tuple(codes.shape)}, expected {tuple(self.codes.shape)}")
+        self.table[1:].copy_(codes)
+
+
+class SequenceDataset(Dataset):
+    """One split as tensors: ``history`` (n, H) right-padded with 0, ``lengths`` (n,), ``target`` (n,).
+
+    Indexing takes a list of record indices and returns a whole ``ItemBatch`` (``__getitems__``), so a batch
+    costs one gather instead of ``B`` Python calls.
+    """
+
+    def __init__(self, split: SplitData, max_his_len: int) -> None:
+        lengths = np.fromiter((min(len(h), max_his_len) for h in split.history), dtype=np.int64, count=len(split))
+        if lengths.min(initial=1) < 1:
+            raise ValueError("a record has an empty history; every record needs at least one earlier item")
+        history = np.zeros((len(split), int(lengths.max(initial=1))), dtype=np.int64)
+        for i, h in enumerate(split.history):
+            history[i, : lengths[i]] = h[len(h) - lengths[i] :]  # the last max_his_len items, oldest first
+        self.history = torch.from_numpy(history)  # (n, H)
+        self.lengths = torch.from_numpy(lengths)  # (n,)
+        self.target = torch.from_numpy(np.asarray(split.target, dtype=np.int64))  # (n,)
+
+    def sorted_by_length(self) -> "SequenceDataset":
+        """The same records ordered by history length (stable), sharing no storage with this one."""
+        order = torch.argsort(self.lengths, stable=True)
+        out = SequenceDataset.__new__(SequenceDataset)
+        out.history, out.lengths, out.target = self.history[order], self.lengths[order], self.target[order]
+        return out
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+    def __getitem__(self, index: int) -> ItemBatch:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> ItemBatch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        width = int(self.lengths[idx].max())
+        return ItemBatch(history=self.history[idx, :width], target=self.target[idx])
+
+
+class CodeCollator:
+    """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops)."""
+
+    def __init__(self, codes: CodeTable) -> None:
+        self.codes = codes
+
+    def __call__(self, items: ItemBatch) -> Batch:
+        table = self.codes.table
+        history_codes = table[items.history]  # (B, T, C); padding item 0 -> -1s
+        return Batch(
+            history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*C)
+            target_codes=table[items.target],  # (B, C)
+            target=items.target,
+        )
+
+
+class BucketBatchSampler:
+    """Shuffled, length-bucketed batches of record indices, dealt round-robin to ``num_replicas`` processes.
+
+    Each epoch: a seeded permutation, cut into windows of ``window`` batches; each window is sorted by history
+    length and cut into batches; the batch order is shuffled again. The batch list is padded by repeating its
+    first batches to a multiple of ``num_replicas`` so every process takes the same number of steps.
+    Everything depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        lengths: Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        window: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or window < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"bad sampler arguments batch_size={batch_size} window={window} rank={rank}/{num_replicas}")
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=gen)
+        chunk = self.batch_size * self.window
+        batches: list[Tensor] = []
+        for start in range(0, len(perm), chunk):
+            part = perm[start : start + chunk]
+            part = part[torch.argsort(self.lengths[part], stable=True)]
+            batches.extend(part.split(self.batch_size))
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        batches = [batches[i] for i in order]
+        short = -len(batches) % self.num_replicas
+        return batches + batches[:short]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._global_batches()[self.rank :: self.num_replicas]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+
+
+def train_loader(
+    dataset: SequenceDataset,
+    codes: CodeTable,
+    batch_size: int,
+    *,
+    seed: int,
+    window: int = 50,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``)."""
+    sampler = BucketBatchSampler(
+        dataset.lengths, batch_size, seed=seed, window=window, num_replicas=num_replicas, rank=rank
+    )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
+
+
+def eval_loader(dataset: SequenceDataset, codes: CodeTable, batch_size: int, *, num_workers: int = 0) -> DataLoader:
+    """Unsharded loader over all records in length order (ready for ``accelerator.prepare``).
+
+    Records are visited sorted by history length so each batch pads little; metrics are averages over users,
+    so the order does not change them.
+    """
+    ordered = dataset.sorted_by_length()
+    sampler = BatchSampler(SequentialSampler(ordered), batch_size=batch_size, drop_last=False)
+    return DataLoader(ordered, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)

@@ -1,0 +1,593 @@
+"""Decoding for the generative recommender: item trie, constrained beam search, sampling, sequence log-probs.
+
+Scores (one definition per use, stated once here):
+* **Ranking score** (``beam_search``, and ``sequence_log_probs(trie=None)``): the model's own joint
+  log-probability of an item's code tuple, ``sum_l log_softmax(logits_l)[c_l]`` with the softmax over all K
+  tokens of level l. The trie only *prunes* (invalid tokens are set to -inf after the log-softmax, exactly what
+  transformers' ``prefix_allowed_tokens_fn`` does); it never changes a valid item's score. With a beam at least
+  as wide as the catalogue, beam search therefore returns the exact top-k of exhaustive scoring.
+* **Sampling distribution** (``sample``, and ``sequence_log_probs(trie=...)``): the constrained, renormalised
+  distribution ``sum_l log_softmax(mask_l(logits_l / T))[c_l]`` where ``mask_l`` keeps the trie children of
+  the sampled prefix. It is a proper distribution over the catalogue (every sample is a real item), which is
+  what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients.
+
+Speed (spec §12): the encoder runs once per user; the decoder is an incremental T5 pass over the model's own
+weights (``_IncrementalDecoder``) with a self-attention KV cache that is re-gathered when beams are reordered and
+cross-attention keys/values computed ONCE per user: the beams of a user are that user's queries, so nothing of
+the encoder side is copied per beam. The first step runs one row per user (only one live beam). It equals the
+HF decoder (tests compare the two); it has no dropout, so decoding always runs with the model in eval mode.
+
+Deviations from the reference: constrained decoding (the reference is unconstrained, spec §7), so every
+returned candidate is a distinct real item; leading/trailing all-padding history columns are cut before
+encoding (T5 positions are relative, so real tokens see the same thing), which also makes results independent of
+how a batch was padded. ``HFConstrainedGenerator`` is the transformers ``generate`` path kept for the speed and
+agreement benchmark only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationConfig, T5ForConditionalGeneration
+
+from etegrec.rec.model import EncoderOut, GenerativeRecommender
+
+
+class BeamOutput(NamedTuple):
+    """Top candidates per user, best first."""
+
+    items: Tensor  # (B, k) long item ids 1..N, 0 = no candidate (catalogue smaller than k)
+    codes: Tensor  # (B, k, C) long, -1 where items == 0
+    scores: Tensor  # (B, k) float summed log-probs (ranking score), -inf where items == 0
+
+
+class SampleOutput(NamedTuple):
+    """Constrained ancestral samples, G per user."""
+
+    items: Tensor  # (B, G) long item ids 1..N
+    codes: Tensor  # (B, G, C) long
+    log_probs: Tensor  # (B, G) float, log-prob under the constrained, renormalised, tempered distribution
+
+
+# ----------------------------------------------------------------------------------------------- item trie
+class ItemTrie:
+    """Prefix trie over the item-code table as dense per-level child tables.
+
+    ``children[l]`` is an int32 table (P_l, K): row p is the prefix with id p at level l (P_0 = 1, the empty
+    prefix); entry k is the id of the prefix extended by token k at level l+1, or, at the last level, the item id
+    (1..N); -1 = not a valid continuation. Prefix ids are assigned in sorted order of (parent id, token), so
+    the trie is deterministic. Memory: sum_l P_l * K * 4 bytes (about 51 MB for N = 25k, K = 256, C = 4).
+
+    Args:
+        item_codes: (N, C) long, row j = codes of item id j+1; tuples must be unique (use ``add_suffix``).
+        code_num: K, tokens per level.
+    """
+
+    def __init__(self, *, item_codes: Tensor, code_num: int) -> None:
+        if item_codes.dim() != 2 or item_codes.shape[0] == 0 or item_codes.shape[1] == 0:
+            raise ValueError(f"item_codes must be a non-empty (N, C) table, got shape {tuple(item_codes.shape)}")
+        codes = item_codes.long()
+        if int(codes.min()) < 0 or int(codes.max()) >= code_num:
+            raise ValueError(
+                f"item codes must lie in [0, code_num={code_num}); got range [{int(codes.min())}, "
+                f"{int(codes.max())}]. Check code_num against the tokenizer's num_emb_list"
+            )
+        n, c = codes.shape
+        children: list[Tensor] = []
+        state = torch.zeros(n, dtype=torch.long, device=codes.device)  # (N,) prefix id at the current level
+        n_prefixes = 1
+        for level in range(c):
+            key = state * code_num + codes[:, level]  # (N,) flat (parent, token) index
+            table = torch.full((n_prefixes * code_num,), -1, dtype=torch.int32, device=codes.device)
+            if level < c - 1:
+                uniq, state = torch.unique(key, return_inverse=True)  # sorted -> deterministic prefix ids
+                table[uniq] = torch.arange(uniq.numel(), dtype=torch.int32, device=codes.device)
+                next_prefixes = uniq.numel()
+            else:
+                uniq, counts = torch.unique(key, return_counts=True)
+                if int(counts.max()) > 1:
+                    dup = codes[key == uniq[counts.argmax()]]
+                    raise ValueError(
+                        f"{dup.shape[0]} items share the code tuple {dup[0].tolist()}; item IDs must be unique. "
+                        "Append the collision suffix (etegrec.tokenizer.item_codes.add_suffix)"
+                    )
+                table[key] = torch.arange(1, n + 1, dtype=torch.int32, device=codes.device)
+                next_prefixes = 0
+            children.append(table.view(n_prefixes, code_num))
+            n_prefixes = next_prefixes
+        self.children = children
+        self.item_codes = codes  # (N, C)
+        self.code_num = code_num
+
+    @property
+    def code_length(self) -> int:
+        return self.item_codes.shape[1]
+
+    @property
+    def n_items(self) -> int:
+        return self.item_codes.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.item_codes.device
+
+    def to(self, device: torch.device | str) -> ItemTrie:
+        """A copy of the trie on ``device`` (tables are moved, not rebuilt)."""
+        moved = ItemTrie.__new__(ItemTrie)
+        moved.children = [t.to(device) for t in self.children]
+        moved.item_codes = self.item_codes.to(device)
+        moved.code_num = self.code_num
+        return moved
+
+    def code_table(self) -> Tensor:
+        """(N+1, C) long lookup table for ``history_to_codes``: row 0 (padding) = -1, row j = item j's codes."""
+        pad = torch.full((1, self.code_length), -1, dtype=torch.long, device=self.device)
+        return torch.cat([pad, self.item_codes], dim=0)
+
+    def next_states(self, level: int, states: Tensor) -> Tensor:
+        """Child table rows for prefix ids at ``level``: (...,) -> (..., K) int32 (-1 = invalid token).
+
+        Negative (dead) states are read as the root row; callers keep their scores at -inf.
+        """
+        return self.children[level][states.clamp(min=0)]
+
+    def prefix_states(self, codes: Tensor) -> Tensor:
+        """Prefix id of ``codes[..., :l]`` for every level l: (..., C) -> (..., C) long, -1 once off the trie."""
+        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        states = []
+        for level in range(self.code_length):
+            states.append(state)
+            if level < self.code_length - 1:
+                state = self._advance(level, state, codes[..., level])
+        return torch.stack(states, dim=-1)
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Item id of every code tuple: (..., C) -> (...) long, 0 where the tuple is not an item."""
+        if codes.shape[-1] != self.code_length:
+            raise ValueError(f"codes must end in C={self.code_length}, got shape {tuple(codes.shape)}")
+        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for level in range(self.code_length):
+            state = self._advance(level, state, codes[..., level])
+        return state.clamp(min=0)
+
+    def _advance(self, level: int, state: Tensor, token: Tensor) -> Tensor:
+        ok = (state >= 0) & (token >= 0) & (token < self.code_num)
+        nxt = self.children[level][state.clamp(min=0), token.clamp(0, self.code_num - 1)].long()
+        return torch.where(ok, nxt, torch.full_like(nxt, -1))
+
+
+def history_to_codes(item_ids: Tensor, code_table: Tensor) -> Tensor:
+    """Flatten item-id histories to code tokens: (B, T) ids (0 = pad) -> (B, T*C) codes (-1 = pad).
+
+    Args:
+        item_ids: (B, T) long item ids, 0 = padding.
+        code_table: (N+1, C) long with row 0 = -1 (``ItemTrie.code_table()``).
+    """
+    return code_table[item_ids].reshape(item_ids.shape[0], -1)
+
+
+def trim_history(history_codes: Tensor) -> Tensor:
+    """Drop leading and trailing columns that are padding (-1) in every row: (B, S) -> (B, S')."""
+    used = (history_codes >= 0).any(dim=0).nonzero()
+    if used.numel() == 0:
+        return history_codes[:, :1]
+    return history_codes[:, int(used[0]) : int(used[-1]) + 1]
+
+
+# ------------------------------------------------------------------------------------- incremental decoder
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _length_chunks(lengths: Tensor, token_penalty: int = 128) -> list[int]:
+    """Split users sorted by history length into contiguous chunks, each padded to its own longest history.
+
+    Minimises ``sum_chunks(users * longest) + token_penalty * chunks`` (padded tokens plus a per-call cost) by
+    dynamic programming over the sorted lengths; returns the chunk sizes.
+    """
+    sizes_sorted = lengths.tolist()
+    n = len(sizes_sorted)
+    best = [0.0] * (n + 1)  # best[j]: cost of the first j users
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sizes_sorted[j - 1]
+        options = [best[i] + (j - i) * longest for i in range(j)]
+        i = min(range(j), key=options.__getitem__)
+        best[j], cut[j] = options[i] + token_penalty, i
+    sizes = []
+    j = n
+    while j > 0:
+        sizes.append(j - cut[j])
+        j = cut[j]
+    return sizes[::-1]
+
+
+class _Encoded(NamedTuple):
+    """Encoder states of a batch regrouped by history length (encoder and cross-attention skip most padding)."""
+
+    order: Tensor  # (B,) long: sorted row i is input row order[i]
+    chunks: list[EncoderOut]  # consecutive sorted rows, each trimmed to its own padding
+
+
+def _encode_by_length(model: GenerativeRecommender, history_codes: Tensor) -> _Encoded:
+    lengths = (history_codes >= 0).sum(dim=1)  # (B,)
+    sorted_lengths, order = lengths.sort(stable=True)
+    rows = history_codes[order]  # (B, S) sorted by length
+    chunks, start = [], 0
+    for size in _length_chunks(sorted_lengths.cpu()):
+        chunks.append(model.encode(trim_history(rows[start : start + size])))
+        start += size
+    return _Encoded(order=order, chunks=chunks)
+
+
+class _IncrementalDecoder:
+    """The model's T5 decoder run one position at a time for R = B*w rows (w beams or samples per user).
+
+    Same maths as ``model.t5.decoder`` in eval mode (pre-norm blocks, unscaled attention, relative position
+    bias of block 0 shared by all blocks), but cross-attention keys/values are computed once per user and the
+    w rows of a user attend as w queries of one (users, H, w, S) attention, per length chunk. Rows are
+    user-major in the sorted order of ``_Encoded``.
+    """
+
+    def __init__(self, model: GenerativeRecommender, encoded: _Encoded) -> None:
+        decoder = model.t5.decoder
+        self.blocks = list(decoder.block)
+        self.final_norm = decoder.final_layer_norm
+        self.heads, self.d_kv = decoder.config.num_heads, decoder.config.d_kv
+        self.batch = encoded.order.numel()
+        self.chunk_sizes = [enc.hidden.shape[0] for enc in encoded.chunks]
+        self.cross = []  # per chunk: (additive mask (n, 1, 1, S), [(k, v) per block], each (n, H, S, dk))
+        for enc in encoded.chunks:
+            hidden = enc.hidden  # (n, S, d)
+            n, seq = hidden.shape[:2]
+            kv = []
+            for block in self.blocks:
+                attn = block.layer[1].EncDecAttention
+                k = attn.k(hidden).view(n, seq, self.heads, self.d_kv).transpose(1, 2)  # (n, H, S, dk)
+                v = attn.v(hidden).view(n, seq, self.heads, self.d_kv).transpose(1, 2)
+                kv.append((k, v))
+            bias = torch.zeros(n, 1, 1, seq, dtype=hidden.dtype, device=hidden.device)
+            self.cross.append((bias.masked_fill(~enc.mask[:, None, None, :], torch.finfo(hidden.dtype).min), kv))
+        length = model.code_length
+        device = encoded.order.device
+        self.self_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(length, length, device=device)[0]
+        # Self-attention cache per block: position 0 (BOS) once per user, (B, H, dk); later positions per row.
+        self.first_kv: list[tuple[Tensor, Tensor]] = []
+        self.later_kv: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.blocks]
+        self.position = 0
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep rows ``rows`` (R_new,) of the per-row cache, in that order; rows stay in their user's block."""
+        self.later_kv = [[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv] for kv in self.later_kv]
+
+    def _self_attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, width: int) -> Tensor:
+        """One query position over the cached ones; q, k, v (R, H, dk) -> (R, H, dk).
+
+        With at most C keys, elementwise products beat batched (1 x dk) @ (dk x t) matmuls and cache concats.
+        """
+        if self.position == 0:
+            self.first_kv.append((k, v))  # R = B here: one live row per user
+            return v  # softmax over a single key
+        rows = q.shape[0]
+        k0, v0 = self.first_kv[i]  # (B, H, dk)
+        self.later_kv[i].append((k, v))
+        per_user = q.view(self.batch, width, self.heads, self.d_kv)  # (B, w, H, dk)
+        scores = [(per_user * k0.unsqueeze(1)).sum(-1).view(rows, self.heads)]  # (R, H)
+        scores += [(q * kp).sum(-1) for kp, _ in self.later_kv[i]]
+        probs = torch.softmax(torch.stack(scores, dim=-1) + self.self_bias[:, self.position, : self.position + 1], -1)
+        out = (probs[:, :, 0].view(self.batch, width, self.heads, 1) * v0.unsqueeze(1)).view(rows, self.heads, -1)
+        for p, (_, vp) in enumerate(self.later_kv[i], start=1):
+            out = out + probs[:, :, p : p + 1] * vp
+        return out  # (R, H, dk)
+
+    def step(self, x: Tensor) -> Tensor:
+        """Decoder output at the next position: inputs (R, d) with R = B*w, rows user-major -> (R, d)."""
+        rows = x.shape[0]
+        width = rows // self.batch
+        h = x
+        for i, block in enumerate(self.blocks):
+            layer = block.layer[0]
+            attn = layer.SelfAttention
+            normed = layer.layer_norm(h)
+            q = attn.q(normed).view(rows, self.heads, self.d_kv)  # (R, H, dk)
+            k = attn.k(normed).view(rows, self.heads, self.d_kv)
+            v = attn.v(normed).view(rows, self.heads, self.d_kv)
+            h = h + attn.o(self._self_attention(i, q, k, v, width).reshape(rows, self.heads * self.d_kv))
+
+            layer = block.layer[1]
+            attn = layer.EncDecAttention
+            q = attn.q(layer.layer_norm(h)).view(self.batch, width, self.heads, self.d_kv).transpose(1, 2)
+            outs = []
+            for (mask, kv), users in zip(self.cross, q.split(self.chunk_sizes)):
+                ck, cv = kv[i]
+                outs.append(F.scaled_dot_product_attention(users, ck, cv, attn_mask=mask, scale=1.0))  # (n,H,w,dk)
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (B, H, w, dk)
+            h = h + attn.o(out.transpose(1, 2).reshape(rows, self.heads * self.d_kv))
+
+            h = block.layer[2](h)  # T5LayerFF: norm, FFN, residual
+        self.position += 1
+        return self.final_norm(h)
+
+
+def _check_compatible(model: GenerativeRecommender, trie: ItemTrie) -> None:
+    if trie.code_length != model.code_length or trie.code_num != model.code_num:
+        raise ValueError(
+            f"trie (C={trie.code_length}, K={trie.code_num}) does not match the model (C={model.code_length}, "
+            f"K={model.code_num}); build the ItemTrie from this model's item-code table"
+        )
+    if trie.device != model.token_embeddings[0].weight.device:
+        raise ValueError(f"trie is on {trie.device} but the model on {model.token_embeddings[0].weight.device}; "
+                         "use trie.to(device)")
+
+
+def _bos(model: GenerativeRecommender, rows: int) -> Tensor:
+    return model.decoder_inputs(torch.empty(rows, 0, dtype=torch.long, device=model.t5.shared.weight.device))[:, 0]
+
+
+# ------------------------------------------------------------------------------------------- beam search
+@torch.inference_mode()
+def beam_search(
+    model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
+) -> BeamOutput:
+    """Constrained beam search: the ``top_k`` best distinct items per user by the ranking score.
+
+    Args:
+        model: the recommender (unwrapped; decoded in eval mode, its mode is restored).
+        trie: ``ItemTrie`` of the current item-code table, on the model's device.
+        history_codes: (B, S) long, -1 = padding.
+        num_beams: beam width W (>= top_k).
+        top_k: candidates returned per user.
+    """
+    if not 1 <= top_k <= num_beams:
+        raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
+    _check_compatible(model, trie)
+    k_num, length = trie.code_num, trie.code_length
+    with _eval_mode(model):
+        encoded = _encode_by_length(model, history_codes)
+        decoder = _IncrementalDecoder(model, encoded)
+        batch = history_codes.shape[0]
+        device = history_codes.device
+        x = _bos(model, batch)  # (B, d): one live beam per user at the first step
+        states = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, w) prefix ids
+        scores = torch.zeros(batch, 1, device=device)  # (B, w)
+        codes = torch.empty(batch, 1, 0, dtype=torch.long, device=device)  # (B, w, l)
+        for level in range(length):
+            width = states.shape[1]
+            logp = torch.log_softmax(model.level_logits(decoder.step(x), level).float(), dim=-1)  # (B*w, K)
+            nxt = trie.next_states(level, states.view(-1))  # (B*w, K)
+            logp = logp.masked_fill(nxt < 0, -math.inf)
+            cand = (scores.unsqueeze(-1) + logp.view(batch, width, k_num)).view(batch, width * k_num)
+            scores, idx = cand.topk(min(num_beams, width * k_num), dim=1)  # (B, w') sorted
+            src, token = idx // k_num, idx % k_num  # (B, w')
+            states = nxt.view(batch, width * k_num).gather(1, idx).long()  # (B, w') child ids / item ids
+            codes = torch.cat([codes.gather(1, src.unsqueeze(-1).expand(-1, -1, level)), token.unsqueeze(-1)], -1)
+            if level < length - 1:
+                decoder.reorder((torch.arange(batch, device=device).unsqueeze(1) * width + src).view(-1))
+                x = model.token_embeddings[level](token.view(-1))  # (B*w', d)
+        back = torch.empty_like(encoded.order)
+        back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
+        scores = scores[back, :top_k]  # (B, k)
+        alive = torch.isfinite(scores)
+        return BeamOutput(
+            items=torch.where(alive, states[back, :top_k], 0),
+            codes=codes[back, :top_k].masked_fill(~alive.unsqueeze(-1), -1),
+            scores=scores,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+@torch.inference_mode()
+def sample(
+    model: GenerativeRecommender,
+    trie: ItemTrie,
+    history_codes: Tensor,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Constrained ancestral sampling (with replacement) of ``num_samples`` items per user, in eval mode.
+
+    Each level draws from ``softmax(mask(logits / temperature))`` over the trie children of the prefix, so every
+    sample is a real item; ``log_probs`` are under that distribution (= ``sequence_log_probs(..., trie)``).
+
+    Args:
+        history_codes: (B, S) long, -1 = padding.
+        num_samples: G >= 1.
+        temperature: > 0.
+        generator: optional torch.Generator for reproducible draws.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_compatible(model, trie)
+    with _eval_mode(model):
+        encoded = _encode_by_length(model, history_codes)
+        decoder = _IncrementalDecoder(model, encoded)
+        batch, device = history_codes.shape[0], history_codes.device
+        x = _bos(model, batch)  # (B, d)
+        states = torch.zeros(batch, dtype=torch.long, device=device)  # (R,) R = B, then B*G
+        log_probs = torch.zeros(batch * num_samples, device=device)
+        tokens = []
+        for level in range(trie.code_length):
+            logits = model.level_logits(decoder.step(x), level).float() / temperature  # (R, K)
+            nxt = trie.next_states(level, states)  # (R, K)
+            logp = torch.log_softmax(logits.masked_fill(nxt < 0, -math.inf), dim=-1)  # (R, K)
+            if level == 0:  # one row per user so far: expand logits, children and cache to G rows per user
+                rows = torch.arange(batch, device=device).repeat_interleave(num_samples)  # (B*G,)
+                logp, nxt = logp[rows], nxt[rows]
+                decoder.reorder(rows)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B*G,)
+            log_probs += logp.gather(1, token.unsqueeze(1)).squeeze(1)
+            states = nxt.gather(1, token.unsqueeze(1)).squeeze(1).long()  # prefix ids, item ids at the end
+            tokens.append(token)
+            x = model.token_embeddings[level](token)  # (B*G, d)
+        back = torch.empty_like(encoded.order)
+        back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
+        codes = torch.stack(tokens, dim=-1).view(batch, num_samples, trie.code_length)[back]
+        return SampleOutput(
+            items=states.view(batch, num_samples)[back], codes=codes, log_probs=log_probs.view(batch, num_samples)[back]
+        )
+
+
+def sequence_log_probs(
+    model: GenerativeRecommender,
+    trie: ItemTrie | None,
+    history_codes: Tensor,
+    codes: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Teacher-forced log-probability of given code tuples, with gradients, in the model's current mode.
+
+    Args:
+        trie: the item trie -> log-prob under the constrained, renormalised, tempered distribution that
+            ``sample`` draws from (codes must be real items); None -> the ranking score of ``beam_search``
+            (per-level log-softmax over all K tokens, ``temperature`` applied to the logits).
+        history_codes: (B, S) long, -1 = padding; encoded once per row even when G > 1.
+        codes: (B, C) or (B, G, C) long.
+    Returns:
+        (B,) or (B, G) summed log-probs.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    squeeze = codes.dim() == 2
+    grouped = codes.unsqueeze(1) if squeeze else codes  # (B, G, C)
+    batch, group, length = grouped.shape
+    if length != model.code_length:
+        raise ValueError(f"codes must have C={model.code_length} tokens per item, got shape {tuple(codes.shape)}")
+    flat = grouped.reshape(batch * group, length)  # (B*G, C)
+    enc = model.encode(history_codes)
+    if group > 1:
+        enc = EncoderOut(hidden=enc.hidden.repeat_interleave(group, 0), mask=enc.mask.repeat_interleave(group, 0))
+    hidden = model.decode(enc, flat[:, :-1]).hidden  # (B*G, C, d)
+    logits = torch.stack([model.level_logits(hidden[:, l], l) for l in range(length)], dim=1).float()
+    logits = logits / temperature  # (B*G, C, K)
+    if trie is not None:
+        _check_compatible(model, trie)
+        if bool((trie.lookup(flat) == 0).any()):
+            raise ValueError("codes contain tuples that are not items of the trie; constrained log-probs need items")
+        states = trie.prefix_states(flat)  # (B*G, C)
+        allowed = torch.stack([trie.next_states(l, states[:, l]) >= 0 for l in range(length)], dim=1)  # (B*G,C,K)
+        logits = logits.masked_fill(~allowed, -math.inf)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B*G,)
+    return logp.view(batch) if squeeze else logp.view(batch, group)
+
+
+# ------------------------------------------------------------------------------------ transformers path
+class _LevelT5(T5ForConditionalGeneration):
+    """T5 over a flat vocabulary (0 = BOS, 1 + l*K + k = level-l code k) whose logits at decoder position p keep
+    only the level-p block (others -inf), so the log-softmax that ``generate`` applies equals the model's per-level
+    log-softmax over K tokens."""
+
+    def forward(self, *args, **kwargs):  # noqa: D102 - same arguments as T5ForConditionalGeneration.forward
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        out = super().forward(*args, **kwargs)
+        positions = torch.arange(past, past + out.logits.shape[1], device=out.logits.device)
+        out.logits = out.logits + self.level_bias[positions.clamp(max=self.level_bias.shape[0] - 1)]
+        return out
+
+
+class HFConstrainedGenerator:
+    """The decoding path of other implementations, for the speed / agreement benchmark only (spec §7, issue 7).
+
+    transformers' ``generate`` (beam search, KV cache, encoder run once and expanded to beams by HF) with
+    ``prefix_allowed_tokens_fn`` looking allowed tokens up in a Python dict trie, on a copy of the model's
+    T5 whose vocabulary is the flat concatenation ``[BOS, level-0 table, ..., level-(C-1) table]`` (the model's
+    own weights, also as the tied output layer). Scores are the ranking score of ``beam_search``
+    (``length_penalty=0`` -> plain sums), so both paths should agree up to float ties.
+
+    Args:
+        model: the recommender whose weights are copied (build a new generator after they change).
+        trie: the item trie (items and allowed prefixes).
+    """
+
+    def __init__(self, *, model: GenerativeRecommender, trie: ItemTrie) -> None:
+        _check_compatible(model, trie)
+        k_num, length = trie.code_num, trie.code_length
+        vocab = 1 + length * k_num
+        config = model.t5.config.__class__.from_dict(model.t5.config.to_dict())
+        config.vocab_size = vocab
+        config.scale_decoder_outputs = False  # the model's level_logits are plain dot products
+        config.use_cache = True
+        flat = _LevelT5(config)
+        with torch.no_grad():
+            table = torch.cat([model.t5.shared.weight[:1]] + [emb.weight for emb in model.token_embeddings])  # (V, d)
+            state = {k: v for k, v in model.t5.state_dict().items() if "embed_tokens" not in k and k != "shared.weight"
+                     and k != "lm_head.weight"}
+            missing, unexpected = flat.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - {"shared.weight", "lm_head.weight", "encoder.embed_tokens.weight",
+                                             "decoder.embed_tokens.weight"}:
+                raise ValueError(f"T5 copy mismatch: missing={missing} unexpected={unexpected}")
+            flat.shared.weight.copy_(table)
+            flat.lm_head.weight = flat.shared.weight
+            flat.encoder.embed_tokens = flat.shared
+            flat.decoder.embed_tokens = flat.shared
+        level_bias = torch.full((length, vocab), -math.inf)
+        for level in range(length):
+            level_bias[level, 1 + level * k_num : 1 + (level + 1) * k_num] = 0.0
+        flat.register_buffer("level_bias", level_bias, persistent=False)
+        self.model = flat.to(model.t5.shared.weight.device).eval()
+        self.trie = trie
+        self.k_num, self.length = k_num, length
+        self.offsets = 1 + torch.arange(length, device=trie.device) * k_num  # (C,) flat id of code 0 per level
+        self.allowed: dict[tuple[int, ...], list[int]] = {}
+        flat_codes = (trie.item_codes + self.offsets).tolist()  # (N, C) flat ids
+        for row in flat_codes:
+            for level in range(length):
+                key = (0, *row[:level])
+                options = self.allowed.setdefault(key, [])
+                if row[level] not in options:
+                    options.append(row[level])
+
+    def _prefix_allowed_tokens(self, batch_id: int, sent: Tensor) -> list[int]:
+        key = tuple(sent.tolist())
+        if key in self.allowed:
+            return self.allowed[key]
+        level = len(key) - 1  # a dead beam (catalogue narrower than the beam): any token of its level
+        return list(range(1 + level * self.k_num, 1 + (level + 1) * self.k_num))
+
+    @torch.inference_mode()
+    def __call__(self, history_codes: Tensor, num_beams: int = 20, top_k: int = 10) -> BeamOutput:
+        """Top-``top_k`` items per user via ``generate``: (B, S) history codes -> BeamOutput."""
+        if not 1 <= top_k <= num_beams:
+            raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
+        history_codes = trim_history(history_codes)
+        levels = torch.arange(history_codes.shape[1], device=history_codes.device) % self.length
+        input_ids = torch.where(history_codes >= 0, history_codes + self.offsets[levels], 0)  # (B, S) flat ids
+        generation = GenerationConfig(
+            num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=self.length, do_sample=False,
+            length_penalty=0.0, early_stopping=False, eos_token_id=None, pad_token_id=0, decoder_start_token_id=0,
+            bos_token_id=None, return_dict_in_generate=True, output_scores=True, use_cache=True,
+        )
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=history_codes >= 0, generation_config=generation,
+            prefix_allowed_tokens_fn=self._prefix_allowed_tokens,
+        )
+        batch = history_codes.shape[0]
+        codes = (out.sequences[:, 1 : 1 + self.length] - self.offsets).view(batch, top_k, self.length)
+        items = self.trie.lookup(codes)  # (B, k), 0 for a dead beam's tuple
+        scores = out.sequences_scores.view(batch, top_k).float()
+        alive = (items > 0) & (scores > -1e8)
+        return BeamOutput(
+            items=torch.where(alive, items, 0), codes=codes.masked_fill(~alive.unsqueeze(-1), -1),
+            scores=scores.masked_fill(~alive, -math.inf),
+        )
+
+
+def generate_with_hf(
+    model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
+) -> BeamOutput:
+    """One-shot ``HFConstrainedGenerator`` call (benchmark / agreement checks; build the generator once to time it)."""
+    return HFConstrainedGenerator(model=model, trie=trie)(history_codes, num_beams=num_beams, top_k=top_k)

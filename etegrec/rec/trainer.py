@@ -1,0 +1,529 @@
+"""Step 4: joint training of the RQ-VAE tokenizer and the T5 recommender (paper §3.4, spec §6).
+
+``run(cfg, accelerator)`` trains in two stages and returns the metrics:
+
+1. **Alternating stage.** ``schedule.plan_epoch`` decides each epoch's phase: the first epoch of every cycle
+   trains the tokenizer (L_SQ + mu*SIA + lambda*PSA, recommender frozen) and is followed by a re-computation of
+   every item's code tuple (with suffix) and the code churn; the other epochs train the recommender
+   (L_REC + mu*SIA + lambda*PSA, tokenizer frozen). Validation (constrained beam search, ``valid_metric``)
+   every ``eval_step`` epochs; the best model is ``best.pt``. The stage ends ("the tokenizer has converged")
+   when ``early_stop`` evaluations pass without improvement or after ``epochs`` epochs.
+2. **Finetune stage.** The best alternating model is reloaded, the tokenizer is frozen for good and the
+   recommender trains on L_REC with a fresh AdamW (``finetune_lr``, cosine without warm-up) until
+   ``finetune_early_stop`` evaluations (one per epoch) pass without improvement or ``finetune_epochs`` end.
+
+Finally the best model is tested and printed beside the popularity baseline (and SASRec when available).
+
+Multi-process (accelerate, DDP-style): every process holds both models and trains on its share of each
+epoch's batches; gradients are averaged over processes with one all-reduce per optimizer step. DDP wrappers
+are not used because which model trains changes every epoch (DDP fixes its parameter set at wrap time). The
+loss parts are averaged over processes every step, so a non-finite loss stops all processes at the same step.
+
+Deviations from the reference code (spec §6, §11, §12):
+* Frozen models are run under ``no_grad`` in eval mode; terms with weight 0 are not computed; the tokenizer runs
+  once per step on the batch's distinct targets (the reference ran it twice in tokenizer epochs).
+* Learning-rate schedules are sized by the optimizer steps each optimizer really takes; gradient accumulation
+  really accumulates; the finetune hyper-parameters are config keys.
+* The run resumes exactly (``--resume=<run>/last.pt``): sampler order and dropout are re-seeded per epoch from
+  (seed, epoch, rank), and optimizer / scheduler / trainer state come from the checkpoint.
+* The finetune stage starts from the best alternating checkpoint, keeps its best score (``best.pt`` is only
+  replaced by a better model) and writes into the same files, never the reference's clashing ``{epoch}.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from etegrec.artifacts import DatasetFiles, load_item_map, load_item_vectors, load_splits
+from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.rec.checkpoint import build_recommender, read_joint, save_joint
+from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, train_loader
+from etegrec.rec.evaluate import evaluate
+from etegrec.rec.generation import ItemTrie
+from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
+from etegrec.rec.model import EncoderOut
+from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
+from etegrec.runtime import TensorBoard, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.tokenizer.item_codes import build_item_codes
+from etegrec.tokenizer.pretrain import resolve_rqvae_path
+from etegrec.tokenizer.quantizer import code_log_probs
+from etegrec.tokenizer.rqvae import RQVAE, load_rqvae, load_tokenizer_state
+
+logger = logging.getLogger("etegrec.rec")
+
+
+@dataclass
+class TrainerState:
+    """Progress of a run (stored in every checkpoint; enough to resume at an epoch boundary)."""
+
+    stage: str = "alternating"  # alternating | finetune | done
+    epoch: int = 0  # next epoch index within the stage
+    epochs_done: int = 0  # epochs over both stages (seeds sampler and dropout)
+    global_step: int = 0  # optimizer steps over both stages (TensorBoard x-axis)
+    best_score: float = -math.inf
+    best_epoch: int = -1  # epochs_done index of the best evaluation
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    patience: int = 0  # evaluations without improvement in the current stage
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class JointTrainer:
+    """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
+
+    def __init__(self, cfg: Config, accelerator: Any) -> None:
+        resume = read_joint(cfg.train.resume) if cfg.train.resume else None
+        if resume is not None:
+            cfg = _resume_config(cfg, resume)
+        self.cfg = cfg
+        tc = cfg.train
+        self.acc = accelerator
+        self.device = accelerator.device
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+
+        # ---- run folder, logs, TensorBoard (one name for all processes: the main process's clock)
+        if resume is not None:
+            self.run_dir = Path(cfg.train.resume).resolve().parent
+        else:
+            self.run_dir = self._new_run_dir()
+        name = self.run_dir.name
+        log_root = cfg.path(tc.log_dir) / cfg.data.dataset
+        setup_logging(log_root / f"{name}.log", is_main=self.is_main)
+        self.tb = TensorBoard(log_root / "tb" / name, enabled=tc.tensorboard and self.is_main)
+        if self.is_main:
+            write_run_info(self.run_dir, cfg)
+        logger.info("joint training on %s, %d process(es) on %s, run folder %s", cfg.data.dataset, self.world,
+                    self.device, self.run_dir)
+
+        # ---- data
+        files = DatasetFiles.from_config(cfg)
+        item_map = load_item_map(files)
+        self.n_items = len(item_map) - 1
+        splits = load_splits(files, item_map, cfg.data.max_his_len)
+        vectors = torch.from_numpy(load_item_vectors(cfg, self.n_items))  # (N, d_s)
+        self.vectors = torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(self.device)  # (N+1, d_s)
+
+        # ---- tokenizer and the item-code table it defines
+        if resume is not None:
+            self.tokenizer = RQVAE(**resume["tokenizer_args"])
+            load_tokenizer_state(self.tokenizer, resume["tokenizer"], f"resume checkpoint {tc.resume}")
+            codes = resume["item_codes"]
+        else:
+            path = resolve_rqvae_path(cfg)
+            t = cfg.tokenizer
+            self.tokenizer, obj = load_rqvae(path, expected_args={
+                "in_dim": int(vectors.shape[1]), "layers": t.layers, "e_dim": t.e_dim, "num_emb_list": t.num_emb_list,
+            })
+            codes = obj["item_codes"]
+            logger.info("tokenizer: %s (%s)", path, obj.get("metrics", {}))
+        self._check_codes(codes)
+        self.tokenizer.to(self.device)
+        self.codes = CodeTable(codes)
+
+        # ---- recommender (same seed on every process -> identical initial weights)
+        set_seed(tc.seed)
+        self.model = build_recommender(cfg, self.tokenizer.model_args()).to(self.device)
+        logger.info("recommender: %.2f M parameters, tokenizer: %.2f M",
+                    sum(p.numel() for p in self.model.parameters()) / 1e6,
+                    sum(p.numel() for p in self.tokenizer.parameters()) / 1e6)
+
+        # ---- loaders
+        self.train_set = SequenceDataset(splits["train"], cfg.data.max_his_len)
+        self.train_loader = train_loader(
+            self.train_set, self.codes, tc.batch_size, seed=tc.seed, window=tc.bucket_window,
+            num_replicas=self.world, rank=self.rank, num_workers=tc.num_workers,
+        )
+        self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
+
+        # ---- optimizers and schedules, sized by the steps each optimizer takes
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.gradient_accumulation_steps)
+        tok_epochs, rec_epochs = training_epochs(tc.epochs, cycle=tc.cycle, ablation=tc.ablation)
+        self.rec_opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr_rec, weight_decay=tc.weight_decay)
+        self.id_opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=tc.lr_id, weight_decay=tc.weight_decay)
+        self.rec_sched = self._scheduler(self.rec_opt, tc.warmup_steps, rec_epochs * self.steps_per_epoch, "rec")
+        self.id_sched = self._scheduler(
+            self.id_opt, tc.warmup_steps // max(1, tc.cycle), tok_epochs * self.steps_per_epoch, "id"
+        )
+        self.ft_opt: torch.optim.Optimizer | None = None
+        self.ft_sched: Any = None
+        self.weights = ConfigWeights(
+            tc.id_vq_loss, tc.id_kl_loss, tc.id_dec_cl_loss, tc.rec_code_loss, tc.rec_kl_loss, tc.rec_dec_cl_loss
+        )
+        self.state = TrainerState()
+        if resume is not None:
+            self._restore(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _new_run_dir(self) -> Path:
+        """``<ckpt_dir>/<dataset>/<TIMESTAMP>[-k]``, created by the main process and shared with the others."""
+        from accelerate.utils import broadcast_object_list
+
+        root = self.cfg.path(self.cfg.train.ckpt_dir) / self.cfg.data.dataset
+        name: list[str | None] = [None]
+        if self.is_main:
+            stamp = timestamp()
+            run_dir, k = root / stamp, 1
+            while run_dir.exists():  # two runs in the same second
+                run_dir, k = root / f"{stamp}-{k}", k + 1
+            run_dir.mkdir(parents=True)
+            name = [run_dir.name]
+        if self.world > 1:
+            broadcast_object_list(name, from_process=0)
+        return root / str(name[0])
+
+    def _scheduler(self, opt: torch.optim.Optimizer, warmup: int, total: int, name: str) -> Any:
+        if total > 0 and warmup >= total:
+            logger.warning(
+                "%s schedule: warm-up of %d steps >= the %d steps this optimizer takes, so its learning rate never "
+                "reaches its peak; lower warmup_steps (e.g. to %d)", name, warmup, total, max(1, total // 10),
+            )
+        return build_scheduler(opt, kind=self.cfg.train.lr_scheduler_type, warmup_steps=warmup, total_steps=total)
+
+    def _check_codes(self, codes: Tensor) -> None:
+        m = self.cfg.model
+        if codes.dim() != 2 or codes.shape[0] != self.n_items:
+            raise ValueError(
+                f"the tokenizer's item-code table has shape {tuple(codes.shape)} but the item map has {self.n_items} "
+                "items: the RQ-VAE checkpoint was made for another dataset or data preparation. Re-run step 3 "
+                "(`cd RQVAE && bash run_dual.sh`) or point rqvae_path at this dataset's checkpoint"
+            )
+        if codes.shape[1] != m.code_length:
+            raise ValueError(
+                f"the tokenizer's item IDs have {codes.shape[1]} tokens but code_length={m.code_length}; set "
+                f"code_length={codes.shape[1]} (levels + 1 suffix) or use a checkpoint with "
+                f"{m.code_length - 1} levels"
+            )
+        if int(codes.min()) < 0 or int(codes.max()) >= m.code_num:
+            raise ValueError(
+                f"item codes span [{int(codes.min())}, {int(codes.max())}] but code_num={m.code_num}; set code_num to "
+                "the checkpoint's codebook size (its num_emb_list entries)"
+            )
+
+    def _restore(self, obj: dict[str, Any]) -> None:
+        self.model.load_state_dict(obj["model"], strict=True)
+        self.state = TrainerState(**obj["trainer"])
+        opts, scheds = obj["optimizers"], obj["schedulers"]
+        self.rec_opt.load_state_dict(opts["rec"])
+        self.id_opt.load_state_dict(opts["id"])
+        self.rec_sched.load_state_dict(scheds["rec"])
+        self.id_sched.load_state_dict(scheds["id"])
+        if self.state.stage == "finetune":
+            self._make_finetune_optimizer()
+            self.ft_opt.load_state_dict(opts["finetune"])
+            self.ft_sched.load_state_dict(scheds["finetune"])
+        logger.info("resumed from %s: stage %s, epoch %d, best %s=%.4f", self.cfg.train.resume, self.state.stage,
+                    self.state.epoch, self.cfg.train.valid_metric, self.state.best_score)
+
+    def _make_finetune_optimizer(self) -> None:
+        tc = self.cfg.train
+        self.ft_opt = torch.optim.AdamW(self.model.parameters(), lr=tc.finetune_lr, weight_decay=tc.weight_decay)
+        self.ft_sched = self._scheduler(self.ft_opt, 0, tc.finetune_epochs * self.steps_per_epoch, "finetune")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, name: str, plan_phase: str, metrics: dict[str, float]) -> None:
+        """Write ``<run>/<name>`` on the main process; every process waits for it."""
+        if self.is_main:
+            opts = {"rec": self.rec_opt.state_dict(), "id": self.id_opt.state_dict()}
+            scheds = {"rec": self.rec_sched.state_dict(), "id": self.id_sched.state_dict()}
+            if self.ft_opt is not None:
+                opts["finetune"], scheds["finetune"] = self.ft_opt.state_dict(), self.ft_sched.state_dict()
+            save_joint(
+                self.run_dir / name, cfg=self.cfg, model=self.model, tokenizer=self.tokenizer,
+                item_codes=self.codes.codes, epoch=self.state.epochs_done, phase=plan_phase, metrics=metrics,
+                optimizers=opts, schedulers=scheds, trainer=asdict(self.state),
+                rng={"scheme": "re-seeded every epoch from (seed, epochs_done, rank)", "seed": self.cfg.train.seed},
+            )
+        self.acc.wait_for_everyone()
+
+    def _load_weights(self, name: str) -> None:
+        """Load recommender, tokenizer and code table of ``<run>/<name>`` (every process reads the file)."""
+        obj = read_joint(self.run_dir / name, map_location="cpu")
+        self.model.load_state_dict(obj["model"], strict=True)
+        load_tokenizer_state(self.tokenizer, obj["tokenizer"], str(self.run_dir / name))
+        self.codes.update(obj["item_codes"])
+
+    # ------------------------------------------------------------------ one training step
+    def _losses(self, b: Batch, plan: EpochPlan) -> dict[str, Tensor]:
+        """The unweighted loss terms whose weight is > 0 in this phase."""
+        w = plan.weights
+        align = w.sia > 0 or w.psa > 0
+        parts: dict[str, Tensor] = {}
+        first = first_occurrence(b.target) if (align or w.sq > 0) else None  # (M,) one row per distinct target
+        enc_u = dec_u = z_e = h_d = None
+        with torch.set_grad_enabled(plan.train_recommender):
+            if w.rec > 0:
+                out = self.model(b.history_codes, b.target_codes)
+                parts["rec"] = out.loss_rec
+                if align:
+                    enc_u = EncoderOut(out.enc.hidden[first], out.enc.mask[first])
+                    dec_u = out.dec_hidden[first]
+            elif align:  # tokenizer phase: only the distinct rows, decoder only at BOS (causal: same state)
+                enc_u = self.model.encode(b.history_codes[first])
+                if w.psa > 0:
+                    dec_u = self.model.decode(enc_u, b.target_codes[first, :0]).hidden  # (M, 1, d)
+            if w.sia > 0:
+                z_e = self.model.sequence_latent(enc_u)  # (M, e)
+            if w.psa > 0:
+                h_d = self.model.preference_latent(dec_u)  # (M, d_s)
+        if w.sq > 0 or align:
+            with torch.set_grad_enabled(plan.train_tokenizer):
+                tout = self.tokenizer(self.vectors[b.target[first]])  # one forward on the M distinct targets
+            if w.sq > 0:
+                parts["sq"] = sq_loss(tout.loss_recon, tout.loss_rq, self.cfg.train.alpha)
+            if w.sia > 0:
+                # Grad reaches z_E when the recommender trains and the codebooks when the tokenizer trains.
+                seq_lp = code_log_probs(self.tokenizer.rq(z_e).distances)  # (M, L, K)
+                parts["sia"] = sia_loss(code_log_probs(tout.distances), seq_lp)
+            if w.psa > 0:
+                parts["psa"] = psa_loss(h_d, tout.recon, self.cfg.train.psa_tau)
+        return parts
+
+    def _check_finite(self, parts: dict[str, Tensor], plan: EpochPlan, step: int) -> Tensor:
+        """Loss parts averaged over processes; raise on any non-finite value (all processes alike)."""
+        values = torch.stack([v.detach().float() for v in parts.values()])  # (P,)
+        if self.world > 1:
+            values = self.acc.reduce(values, reduction="mean")
+        if not bool(torch.isfinite(values).all()):
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, values))
+            bad = [k for k, v in zip(parts, values) if not math.isfinite(float(v))]
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.state.epochs_done} ({plan.phase} phase), step {step} of the epoch "
+                f"(global step {self.state.global_step}): {shown}; non-finite parts: {bad}. Lower the learning rate "
+                "(lr_rec / lr_id / finetune_lr) or the weight of the failing term, or raise warmup_steps"
+            )
+        return values
+
+    def _optimizers(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
+        if plan.phase == "finetune":
+            return [("finetune", self.ft_opt, self.ft_sched, self.model)]
+        groups = []
+        if plan.train_tokenizer:
+            groups.append(("id", self.id_opt, self.id_sched, self.tokenizer))
+        if plan.train_recommender:
+            groups.append(("rec", self.rec_opt, self.rec_sched, self.model))
+        return groups
+
+    def _step(self, groups: list) -> None:
+        """Average gradients over processes, clip, step optimizers and schedules, clear gradients."""
+        for _, opt, sched, module in groups:
+            params = [p for p in module.parameters() if p.grad is not None]
+            if self.world > 1 and params:
+                # Every process runs the same graph, so the same parameters have gradients everywhere.
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                flat = self.acc.reduce(flat, reduction="mean")
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            if self.cfg.train.max_grad_norm > 0 and params:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self, plan: EpochPlan) -> dict[str, float]:
+        tc = self.cfg.train
+        s = self.state
+        set_seed(_epoch_seed(tc.seed, s.epochs_done, self.rank))
+        self.train_loader.batch_sampler.set_epoch(s.epochs_done)
+        self.model.train(plan.train_recommender)
+        self.tokenizer.train(plan.train_tokenizer)
+        for p in self.model.parameters():
+            p.requires_grad_(plan.train_recommender)
+        for p in self.tokenizer.parameters():
+            p.requires_grad_(plan.train_tokenizer)
+        groups = self._optimizers(plan)
+        n_batches = len(self.train_loader)
+        accum = tc.gradient_accumulation_steps
+        sums: dict[str, float] = {}
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(total=n_batches, desc=f"epoch {s.epochs_done} {plan.phase}", disable=not self.is_main,
+                   dynamic_ncols=True, leave=False, file=sys.stdout)
+        for i, batch in enumerate(self.train_loader):
+            batch = batch.to(self.device)
+            parts = self._losses(batch, plan)
+            values = self._check_finite(parts, plan, i)
+            total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
+            group_start = (i // accum) * accum
+            group_size = min(accum, n_batches - group_start)
+            (total / group_size).backward()
+            if i + 1 == group_start + group_size:
+                self._step(groups)
+                s.global_step += 1
+                logged = {f"loss_{k}": float(v) for k, v in zip(parts, values)}
+                logged["loss_total"] = sum(getattr(plan.weights, k) * float(v) for k, v in zip(parts, values))
+                self.tb.scalars(s.global_step, logged, prefix="train/")
+                self.tb.scalars(s.global_step, {name: sch.get_last_lr()[0] for name, _, sch, _ in groups}, prefix="lr/")
+            for k, v in zip(parts, values):
+                sums[k] = sums.get(k, 0.0) + float(v)
+            seen += batch.target.shape[0]
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()})
+        bar.close()
+        seconds = time.perf_counter() - start
+        means = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
+        speed = seen * self.world / max(seconds, 1e-9)
+        self.tb.scalars(s.epochs_done, {f"seq_per_s_{plan.phase}": speed}, prefix="speed/")
+        logger.info(
+            "epoch %d %-11s | %s | %.1f s, %.1f seq/s, peak memory %.0f MB", s.epochs_done, plan.phase,
+            " ".join(f"{k}={v:.4f}" for k, v in means.items()) or "nothing to train", seconds, speed,
+            _peak_memory_mb(self.device),
+        )
+        return means
+
+    # ------------------------------------------------------------------ codes and evaluation
+    def _refresh_codes(self) -> None:
+        """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
+        new, stats = build_item_codes(self.tokenizer, self.vectors[1:], self.model.code_num)  # (N, C)
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            new = broadcast(new.to(self.device), from_process=0).cpu()  # bitwise-identical tables everywhere
+        churn = float((new != self.codes.codes).any(dim=1).double().mean())
+        prefix_churn = float((new[:, :-1] != self.codes.codes[:, :-1]).any(dim=1).double().mean())
+        self.codes.update(new)
+        shown = {"churn": churn, "prefix_churn": prefix_churn,
+                 **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+        self.tb.scalars(self.state.epochs_done, shown, prefix="codes/")
+        logger.info(
+            "item codes recomputed: churn %.4f (prefix %.4f), collision rate %.4f, max group %d, gini %.3f, "
+            "min usage %.3f", churn, prefix_churn, stats["collision_rate"], stats["max_group"], stats["gini"],
+            stats["min_usage"],
+        )
+
+    def _evaluate(self, split: str) -> dict[str, float]:
+        tc = self.cfg.train
+        trie = ItemTrie(item_codes=self.codes.codes, code_num=self.model.code_num).to(self.device)
+        loader = eval_loader(self.eval_sets[split], self.codes, tc.eval_batch_size, num_workers=tc.num_workers)
+        return evaluate(self.model, trie, loader, self.acc, tc.num_beams, tc.metrics)
+
+    def _validate(self, phase: str, patience_limit: int) -> None:
+        """Validate, keep ``best.pt`` on improvement, count patience."""
+        s, tc = self.state, self.cfg.train
+        start = time.perf_counter()
+        metrics = self._evaluate("valid")
+        score = metrics[tc.valid_metric]
+        improved = score > s.best_score
+        if improved:
+            s.best_score, s.best_epoch, s.best_metrics, s.patience = score, s.epochs_done, metrics, 0
+        else:
+            s.patience += 1
+        self.tb.scalars(s.epochs_done, metrics, prefix="valid/")
+        logger.info(
+            "valid epoch %d | %s | %s (best %.4f at epoch %d, patience %d/%d, %.1f s)", s.epochs_done,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), "improved" if improved else "no improvement",
+            s.best_score, s.best_epoch, s.patience, patience_limit, time.perf_counter() - start,
+        )
+        if improved:
+            self._save("best.pt", phase, metrics)
+
+    # ------------------------------------------------------------------ stages
+    def _start_finetune(self) -> None:
+        """Freeze the tokenizer for good and continue from the best alternating model."""
+        s, tc = self.state, self.cfg.train
+        if tc.finetune_epochs < 1:
+            s.stage = "done"
+            return
+        self._load_weights("best.pt")
+        self._make_finetune_optimizer()
+        s.stage, s.epoch, s.patience = "finetune", 0, 0
+        logger.info("tokenizer frozen for good; finetuning the recommender from epoch %d's model (lr %g)",
+                    s.best_epoch, tc.finetune_lr)
+
+    def fit(self) -> dict[str, Any]:
+        """Run (or continue) both stages, test the best model, return the metrics."""
+        s, tc = self.state, self.cfg.train
+        start = time.perf_counter()
+        while s.stage == "alternating":
+            plan = plan_epoch(s.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
+                              converged=False, weights=self.weights)
+            if any(plan.weights):
+                self._train_epoch(plan)
+            if plan.refresh_codes:
+                self._refresh_codes()
+            last = s.epoch + 1 >= tc.epochs
+            if (s.epoch + 1) % tc.eval_step == 0 or (last and s.best_epoch < 0):
+                self._validate(plan.phase, tc.early_stop)
+            s.epoch += 1
+            s.epochs_done += 1
+            if s.patience >= tc.early_stop or s.epoch >= tc.epochs:
+                logger.info("alternating stage done after %d epochs (%s)", s.epoch,
+                            "early stop" if s.patience >= tc.early_stop else "epoch limit")
+                self._start_finetune()
+            self._save("last.pt", plan.phase, s.best_metrics)
+        while s.stage == "finetune":
+            plan = plan_epoch(s.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
+                              converged=True, weights=self.weights)
+            self._train_epoch(plan)
+            self._validate(plan.phase, tc.finetune_early_stop)
+            s.epoch += 1
+            s.epochs_done += 1
+            if s.patience >= tc.finetune_early_stop or s.epoch >= tc.finetune_epochs:
+                logger.info("finetune stage done after %d epochs", s.epoch)
+                s.stage = "done"
+            self._save("last.pt", plan.phase, s.best_metrics)
+        return self._test(time.perf_counter() - start)
+
+    def _test(self, seconds: float) -> dict[str, Any]:
+        from etegrec.pipeline import comparison_table
+
+        tc = self.cfg.train
+        self._load_weights("best.pt")
+        test = self._evaluate("test")
+        label = "ETEGRec" if tc.ablation == "none" else f"ETEGRec ({tc.ablation})"
+        logger.info("best epoch %d: valid %s", self.state.best_epoch,
+                    " ".join(f"{k}={v:.4f}" for k, v in self.state.best_metrics.items()))
+        logger.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        self.tb.scalars(self.state.epochs_done, test, prefix="test/")
+        self.tb.close()
+        if self.is_main:
+            logger.info("test metrics (%s, training %.0f s):\n%s", self.cfg.data.dataset, seconds,
+                        comparison_table(self.cfg, {label: test}))
+        return {
+            "valid": dict(self.state.best_metrics),
+            "test": test,
+            "best_epoch": self.state.best_epoch,
+            "epochs": self.state.epochs_done,
+            "run_dir": str(self.run_dir),
+            "best_checkpoint": str(self.run_dir / "best.pt"),
+        }
+
+
+def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
+    """The interrupted run's own config (so the continuation equals an uninterrupted run)."""
+    try:
+        stored = config_from_dict(obj["config"])
+    except ConfigError as err:
+        raise ValueError(f"resume checkpoint {cfg.train.resume}: stored config is unreadable ({err})") from None
+    stored.train.resume = cfg.train.resume
+    ignored = {k: v for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v}
+    if ignored:
+        logger.warning("resuming with the checkpoint's config; these command-line/config values are ignored: %s",
+                       ignored)
+    return stored.validate()
+
+
+def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
+    """Joint training (both stages) and test; returns ``{"valid", "test", "best_epoch", "run_dir", ...}``."""
+    return JointTrainer(cfg, accelerator).fit()

@@ -1,0 +1,300 @@
+"""Step 3: pretrain the RQ-VAE item tokenizer on the item vectors and save collision-checked checkpoints.
+
+Input (``artifacts.load_item_vectors``): ``collab`` = the SASRec item vectors; ``dual`` (recommended) = the
+SASRec vectors and the sentence-transformer text vectors, each L2-normalised per item when ``normalize`` is on
+(default) and then concatenated, so both parts weigh equally in the reconstruction loss (256 + 384 = 640 dims
+with the default models); ``text`` = text vectors only.
+
+Procedure: seed; build the RQ-VAE; k-means (faiss) initialisation of every codebook over the encoder outputs of
+ALL items, level by level on the residuals; AdamW with linear warm-up then linear decay to 0 at ``rq_epochs``,
+gradient-norm clip 1.0, Sinkhorn-balanced assignment at the levels whose ``sk_epsilons`` entry is > 0. Every
+``rq_eval_step`` epochs (and after k-means, as epoch 0) the whole item set is encoded in eval mode with
+nearest-code assignment and its health is logged and written to TensorBoard
+(``<log_dir>/<dataset>/rqvae/<TIMESTAMP>/``): collision rate, collided share, largest collision group,
+per-level usage / perplexity / Gini, reconstruction and quantisation losses.
+
+Outputs in ``<rq_ckpt_dir>/<dataset>/<TIMESTAMP>/``: ``best_collision_<cr>_gini_<g>.pth`` (strictly lower
+collision rate; ties keep the earlier) and ``best_gini_<g>_collision_<cr>.pth`` (strictly lower Gini), each
+replacing the previous best of its kind, in the ``rqvae.save_rqvae`` format with the (N, L+1) item-code table;
+plus ``<rq_ckpt_dir>/<dataset>/latest.json`` naming the newest run's best files, which ``resolve_rqvae_path``
+uses when ``rqvae_path`` is empty. Training stops early after ``rq_patience`` evaluations without a lower
+collision rate.
+
+Final item codes use nearest-code assignment, not Sinkhorn: joint training re-derives the codes from the
+tokenizer by nearest code after every tokenizer epoch (spec Sec. 5.2), so a Sinkhorn-made table would change at
+the first re-computation and the collision rate selected here would not be the one the recommender sees.
+Sinkhorn instead acts during training, where it spreads the residuals over the codebook so that nearest-code
+assignment itself becomes balanced. (``RQVAE.get_codes(..., sk_epsilons=...)`` still offers Sinkhorn at
+assignment time.)
+
+Deviations from the reference (spec Sec. 4): faiss k-means over all items instead of scikit-learn on one batch;
+Sinkhorn actually applied (the FORK parsed and ignored it); per-part normalisation of dual input on by default
+(the FORK mixed raw SASRec norms with unit text vectors, spec 11.1-22); self-describing checkpoints with the
+code table; no ``best_loss`` or rolling ``epoch_*`` files (the joint stage uses ``best_collision``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from etegrec.artifacts import (
+    STEP_RQVAE,
+    ArtifactError,
+    DatasetFiles,
+    atomic_write_json,
+    collab_emb_path,
+    load_item_map,
+    load_item_vectors,
+    text_emb_path,
+)
+from etegrec.config import Config
+from etegrec.runtime import TensorBoard, pick_device, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.tokenizer.item_codes import add_suffix, collision_stats
+from etegrec.tokenizer.rqvae import RQVAE, save_rqvae
+
+logger = logging.getLogger("etegrec.tokenizer")
+
+MAX_GRAD_NORM = 1.0
+POINTER = "latest.json"
+
+
+def ckpt_root(cfg: Config) -> Path:
+    """``<rq_ckpt_dir>/<dataset>``: the folder of the dataset's RQ-VAE runs and ``latest.json``."""
+    return cfg.path(cfg.tokenizer.rq_ckpt_dir) / cfg.data.dataset
+
+
+def resolve_rqvae_path(cfg: Config) -> Path:
+    """The tokenizer checkpoint for the next stage: ``rqvae_path`` if set, else the newest run's best_collision.
+
+    Raises:
+        ArtifactError: the file does not exist (the message names step 3).
+    """
+    if cfg.tokenizer.rqvae_path:
+        path = cfg.path(cfg.tokenizer.rqvae_path)
+        if not path.is_file():
+            raise ArtifactError(f"rqvae_path={cfg.tokenizer.rqvae_path} ({path}) does not exist; it is made by {STEP_RQVAE}.")
+        return path
+    root = ckpt_root(cfg)
+    pointer = root / POINTER
+    if pointer.is_file():
+        try:
+            path = root / json.loads(pointer.read_text())["best_collision"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ArtifactError(f"{pointer} is damaged; delete it and re-run {STEP_RQVAE}.") from None
+        if path.is_file():
+            return path
+        raise ArtifactError(f"{pointer} names {path}, which no longer exists; re-run {STEP_RQVAE}.")
+    raise ArtifactError(
+        f"no pretrained RQ-VAE for dataset {cfg.data.dataset!r}: {pointer} does not exist. It is made by "
+        f"{STEP_RQVAE}; or set rqvae_path to a best_collision_*.pth file."
+    )
+
+
+def _lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: RQVAE, x: torch.Tensor, code_num: int, batch_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Nearest-code codes (N, L) of all items and their health metrics plus mean losses, in eval mode."""
+    model.eval()
+    codes, recon, rq = [], 0.0, 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        out = model(xb)
+        codes.append(out.codes.cpu())
+        recon += float(out.loss_recon) * len(xb)
+        rq += float(out.loss_rq) * len(xb)
+    codes_t = torch.cat(codes)  # (N, L)
+    stats = collision_stats(codes_t, code_num)
+    stats.update(loss_recon=recon / len(x), loss_rq=rq / len(x))
+    return codes_t, stats
+
+
+class _BestKeeper:
+    """Keeps one best file per kind in the run folder and refreshes ``latest.json``."""
+
+    def __init__(self, run_dir: Path, root: Path) -> None:
+        self.run_dir, self.root = run_dir, root
+        self.files: dict[str, Path] = {}
+        self.values: dict[str, float] = {"collision": math.inf, "gini": math.inf}
+
+    def offer(self, stats: dict[str, Any], save) -> bool:
+        """Save for every kind this evaluation improves; True when the collision rate improved."""
+        cr, g = stats["collision_rate"], stats["gini"]
+        names = {
+            "collision": (cr, f"best_collision_{cr:.4f}_gini_{g:.4f}.pth"),
+            "gini": (g, f"best_gini_{g:.4f}_collision_{cr:.4f}.pth"),
+        }
+        improved = {k for k, (v, _) in names.items() if v < self.values[k]}
+        for kind in improved:
+            path = self.run_dir / names[kind][1]
+            if not save(path):
+                improved = set()
+                break
+            old = self.files.get(kind)
+            if old is not None and old != path:
+                old.unlink(missing_ok=True)
+            self.files[kind], self.values[kind] = path, names[kind][0]
+        if improved:
+            atomic_write_json(
+                self.root / POINTER,
+                {
+                    "best_collision": str(self.files["collision"].relative_to(self.root)),
+                    "best_gini": str(self.files["gini"].relative_to(self.root)),
+                    "run": self.run_dir.name,
+                    "collision_rate": self.values["collision"],
+                    "gini": self.values["gini"],
+                },
+            )
+        return "collision" in improved
+
+
+def _fmt(stats: dict[str, Any], levels: int) -> str:
+    lv = lambda key, f: "/".join(f % stats[f"{key}_l{l}"] for l in range(1, levels + 1))  # noqa: E731
+    return (
+        f"recon {stats['loss_recon']:.5f} rq {stats['loss_rq']:.5f} | collision {stats['collision_rate']:.4f} "
+        f"(collided share {stats['collided_share']:.4f}, max group {stats['max_group']}) | usage {lv('usage', '%.3f')} "
+        f"| perplexity {lv('perplexity', '%.0f')} | gini {stats['gini']:.4f}"
+    )
+
+
+def run(cfg: Config) -> Path:
+    """Pretrain the tokenizer of ``cfg`` and return the best_collision checkpoint path."""
+    t = cfg.tokenizer
+    set_seed(t.rq_seed)
+    device = pick_device(t.rq_device)
+    files = DatasetFiles.from_config(cfg)
+    n_items = len(load_item_map(files)) - 1
+    x = torch.from_numpy(load_item_vectors(cfg, n_items)).to(device)  # (N, d_s)
+    code_num = cfg.model.code_num
+
+    root = ckpt_root(cfg)
+    stamp = timestamp()
+    run_dir = root / stamp
+    suffix = 1
+    while run_dir.exists():  # two runs in the same second
+        run_dir, suffix = root / f"{stamp}-{suffix}", suffix + 1
+    log_dir = cfg.path(cfg.train.log_dir) / cfg.data.dataset / "rqvae" / run_dir.name
+    setup_logging(log_dir / "pretrain.log")
+    write_run_info(run_dir, cfg)
+    tb = TensorBoard(log_dir, enabled=cfg.train.tensorboard)
+    input_info = {
+        "tokenizer_input": t.tokenizer_input,
+        "n_items": n_items,
+        "in_dim": int(x.shape[1]),
+        "normalize": t.normalize,
+        "dataset": cfg.data.dataset,
+        "collab_path": str(collab_emb_path(cfg)) if t.tokenizer_input in ("dual", "collab") else "",
+        "text_path": str(text_emb_path(cfg)) if t.tokenizer_input in ("dual", "text") else "",
+    }
+    logger.info("RQ-VAE pretraining on %s: %d items x %d dims (%s), device %s, run %s",
+                cfg.data.dataset, n_items, x.shape[1], t.tokenizer_input, device, run_dir)
+
+    model = RQVAE(
+        in_dim=int(x.shape[1]), layers=t.layers, e_dim=t.e_dim, num_emb_list=t.num_emb_list,
+        beta=t.beta, dropout_prob=t.dropout_prob, bn=t.bn,
+    ).to(device)
+    t0 = time.time()
+    model.rq.init_kmeans(model.encode(x), iters=t.kmeans_iters, seed=t.rq_seed)
+    logger.info("k-means codebook initialisation (%d iterations, all items): %.1f s", t.kmeans_iters, time.time() - t0)
+
+    steps_per_epoch = math.ceil(n_items / t.rq_batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.rq_lr, weight_decay=t.rq_weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(t.rq_warmup_epochs * steps_per_epoch, t.rq_epochs * steps_per_epoch)
+    )
+    gen = torch.Generator().manual_seed(t.rq_seed)
+    keeper = _BestKeeper(run_dir, root)
+    run_id = f"etegrec.tokenizer.pretrain run {run_dir.name}"
+
+    def checkpoint(codes: torch.Tensor, stats: dict[str, Any], epoch: int):
+        def save(path: Path) -> bool:
+            try:
+                table = add_suffix(codes, code_num)  # (N, L+1)
+            except ValueError as err:
+                logger.warning("epoch %d: not saved: %s", epoch, err)
+                return False
+            save_rqvae(path, model, table, {**stats, "epoch": epoch}, cfg,
+                       extra={"input": input_info, "producer": run_id})
+            return True
+
+        return save
+
+    best_epoch, bad_evals, epoch = 0, 0, 0
+    codes, stats = evaluate(model, x, code_num, t.rq_batch_size)
+    logger.info("epoch 0 (k-means init) | %s", _fmt(stats, model.rq.num_levels))
+    tb.scalars(0, stats, prefix="eval/")
+    keeper.offer(stats, checkpoint(codes, stats, 0))
+    bar = tqdm(range(1, t.rq_epochs + 1), desc="rqvae", dynamic_ncols=True, disable=None)
+    t_train = time.time()
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n_items, generator=gen).to(device)
+        sums = torch.zeros(2, dtype=torch.float64)
+        usage = torch.zeros(model.rq.num_levels, code_num, dtype=torch.long, device=device)  # (L, K)
+        for i in range(0, n_items, t.rq_batch_size):
+            xb = x[perm[i : i + t.rq_batch_size]]  # (B, d_s)
+            out = model(xb, sk_epsilons=t.sk_epsilons, sk_iters=t.sk_iters)
+            loss = out.loss_recon + out.loss_rq
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"RQ-VAE loss became {float(loss)} at epoch {epoch}; lower rq_lr (now {t.rq_lr}) or check the "
+                    "input vectors"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            opt.step()
+            sched.step()
+            sums += torch.tensor([out.loss_recon.item(), out.loss_rq.item()], dtype=torch.float64) * len(xb)
+            usage.scatter_add_(1, out.codes.t(), torch.ones_like(out.codes.t()))  # (L, K) += per-level counts
+        revived = [0] * model.rq.num_levels
+        if t.rq_dead_code_reset and bool((usage == 0).any()):
+            sample = x[torch.randperm(n_items, generator=gen)[: t.rq_batch_size * 4].to(device)]  # (M, d_s)
+            revived = model.rq.revive_dead_codes(model.encode(sample), usage == 0, gen)
+        train = {"loss_recon": float(sums[0]) / n_items, "loss_rq": float(sums[1]) / n_items,
+                 "lr": sched.get_last_lr()[0], **{f"revived_l{l + 1}": r for l, r in enumerate(revived)}}
+        tb.scalars(epoch, train, prefix="train/")
+        if epoch % t.rq_eval_step and epoch != t.rq_epochs:
+            continue
+        codes, stats = evaluate(model, x, code_num, t.rq_batch_size)
+        sec = (time.time() - t_train) / epoch
+        logger.info("epoch %d | %s | revived %s | %.2f s/epoch", epoch, _fmt(stats, model.rq.num_levels),
+                    "/".join(map(str, revived)), sec)
+        tb.scalars(epoch, stats, prefix="eval/")
+        bar.set_postfix(collision=f"{stats['collision_rate']:.4f}", gini=f"{stats['gini']:.3f}")
+        if keeper.offer(stats, checkpoint(codes, stats, epoch)):
+            best_epoch, bad_evals = epoch, 0
+        else:
+            bad_evals += 1
+            if bad_evals >= t.rq_patience:
+                logger.info("early stop at epoch %d: no lower collision rate in %d evaluations", epoch, bad_evals)
+                break
+    bar.close()
+    tb.close()
+    if "collision" not in keeper.files:
+        raise ValueError(
+            "no checkpoint could be saved: every evaluation had a collision group larger than "
+            f"code_num={code_num}. Train with Sinkhorn (--sk_epsilons), longer, or with larger codebooks."
+        )
+    logger.info(
+        "done in %.0f s (%d epochs); best collision rate %.4f at epoch %d -> %s",
+        time.time() - t0, epoch, keeper.values["collision"], best_epoch, keeper.files["collision"],
+    )
+    return keeper.files["collision"]

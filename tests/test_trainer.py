@@ -1,0 +1,163 @@
+"""Joint training end to end on the tiny synthetic dataset (etegrec/rec/trainer.py, checkpoint.py, main.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from etegrec.artifacts import ArtifactError
+from etegrec.config import dump_yaml
+from etegrec.rec import trainer
+from etegrec.rec.checkpoint import build_recommender, load_joint
+from etegrec.runtime import make_accelerator, set_seed
+from tiny_data import make_tiny_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator()
+
+
+def _initial_recommender(cfg, tokenizer_args):
+    set_seed(cfg.train.seed)  # the trainer seeds like this right before building the recommender
+    return build_recommender(cfg, tokenizer_args)
+
+
+@pytest.mark.parametrize("ablation", ["none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete"])
+def test_two_epoch_smoke_run_of_every_ablation(tmp_path, accelerator, ablation) -> None:
+    cfg = make_tiny_dataset(tmp_path, ablation=ablation, epochs=2, finetune_epochs=0)
+    result = trainer.run(cfg, accelerator)
+
+    assert set(result["test"]) == set(cfg.train.metrics)
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result["test"].values())
+    state = load_joint(Path(result["run_dir"]) / "last.pt")
+    assert state.raw["trainer"]["epochs_done"] == 2
+    assert all(math.isfinite(v) for v in state.raw["metrics"].values())
+
+    init = _initial_recommender(cfg, state.tokenizer.model_args()).state_dict()
+    # The adapters exist only for SIA (enc_adapter -> z_E) and PSA (dec_adapter -> h_D).
+    unused = {"no_sia": ("enc_adapter",), "no_psa": ("dec_adapter",), "no_align": ("enc_adapter", "dec_adapter"),
+              "no_ete": ("enc_adapter", "dec_adapter")}.get(ablation, ())
+    for name, value in state.model.state_dict().items():
+        if name.startswith(unused):
+            assert torch.equal(value, init[name]), f"{name} has no loss term but changed"
+        else:
+            assert not torch.equal(value, init[name]), f"recommender parameter {name} did not change"
+
+    pretrained = torch.load(cfg.tokenizer.rqvae_path, weights_only=True)
+    tok_changed = [not torch.equal(v, pretrained["state_dict"][k]) for k, v in state.tokenizer.state_dict().items()]
+    if ablation == "no_ete":
+        assert not any(tok_changed)
+        assert torch.equal(state.item_codes, pretrained["item_codes"])
+    else:
+        assert all(tok_changed)
+
+
+def _interrupt_after(monkeypatch, saves: int) -> None:
+    """Make the run stop (like a crash) right after its ``saves``-th ``last.pt``."""
+    original = trainer.JointTrainer._save
+    count = {"n": 0}
+
+    class Interrupted(Exception):
+        pass
+
+    def save(self, name, phase, metrics):
+        original(self, name, phase, metrics)
+        if name == "last.pt":
+            count["n"] += 1
+            if count["n"] == saves:
+                raise Interrupted
+
+    monkeypatch.setattr(trainer.JointTrainer, "_save", save)
+    return Interrupted
+
+
+@pytest.mark.parametrize("stop_after", [1, 4])  # after a tokenizer epoch; after the switch to finetuning
+def test_resume_equals_uninterrupted_run(tmp_path, accelerator, monkeypatch, stop_after) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=4, finetune_epochs=2, warm_epoch=1)
+    full = trainer.run(cfg, accelerator)
+
+    interrupted = _interrupt_after(monkeypatch, stop_after)
+    with pytest.raises(interrupted):
+        trainer.run(cfg, accelerator)
+    monkeypatch.undo()
+    run_dirs = sorted(p for p in (Path(cfg.train.ckpt_dir) / cfg.data.dataset).iterdir() if p != Path(full["run_dir"]))
+    last = run_dirs[-1] / "last.pt"
+    assert torch.load(last, weights_only=True)["trainer"]["epochs_done"] == stop_after
+    cfg.train.resume = str(last)
+    resumed = trainer.run(cfg, accelerator)
+
+    assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+    a = torch.load(Path(full["run_dir"]) / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    for part in ("model", "tokenizer"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    assert torch.equal(a["item_codes"], b["item_codes"])
+    assert a["trainer"] == b["trainer"]
+
+
+def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0)
+    result = trainer.run(cfg, accelerator)
+    raw = torch.load(result["best_checkpoint"], weights_only=True)  # plain tensors and containers only
+    assert raw["format"] == "etegrec.joint/1" and raw["phase"] == "recommender"
+    state = load_joint(result["best_checkpoint"])
+    assert state.cfg.to_dict() == cfg.to_dict()
+    history = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1]])
+    target = state.item_codes[:1]
+    out = state.model(history, target)
+    assert out.logits.shape == (1, 4, 8) and torch.isfinite(out.loss_rec)
+
+
+def test_non_finite_loss_names_step_and_part(tmp_path, accelerator, monkeypatch) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2)
+    monkeypatch.setattr(trainer, "psa_loss", lambda pref, recon, tau: pref.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"epoch 0 \(tokenizer phase\), step 0 .*non-finite parts: \['psa'\]"):
+        trainer.run(cfg, accelerator)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(code_num=16, num_emb_list=[16, 16, 16]), "num_emb_list"),  # codebooks of the checkpoint differ
+        (dict(tokenizer_input="collab"), "in_dim"),  # 16-d input for a tokenizer trained on 24-d
+        (dict(layers=[32]), "layers"),
+    ],
+)
+def test_inconsistent_config_fails_at_start_up(tmp_path, accelerator, overrides, message) -> None:
+    cfg = make_tiny_dataset(tmp_path)
+    for key, value in overrides.items():
+        section = "model" if key == "code_num" else "tokenizer"
+        setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ArtifactError, match=message):
+        trainer.run(cfg.validate(), accelerator)
+
+
+def test_two_process_cpu_run(tmp_path) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_yaml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+         "--main_process_port", "0", str(REPO / "main.py"), "--config", str(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "test recall@1=" in proc.stdout
+    run_dirs = list((tmp_path / "ckpt" / "tiny").iterdir())
+    assert len(run_dirs) == 1  # both processes share one run folder
+    state = load_joint(run_dirs[0] / "best.pt")
+    assert state.raw["trainer"]["stage"] in ("finetune", "done")
+    print(f"2-process run: {time.time() - start:.1f} s")
