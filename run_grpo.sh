@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DATASET=${DATASET:-Instrument2018_5090}
+DATASET=${DATASET:-ml-100k}     # the dataset of `bash run.sh` (e.g. beauty, Instrument2018_5090)
 
 # Specify the SFT checkpoint from Step 4 (default: the newest joint-training best.pt of the dataset)
 if [ -z "${SFT_CKPT:-}" ]; then

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from etegrec.artifacts import ArtifactError
 from etegrec.config import ConfigError
 from etegrec.grpo.trainer import load_grpo_config, run
 from etegrec.runtime import make_accelerator
@@ -23,7 +24,7 @@ def main(argv: list[str]) -> dict:
     """Parse the command line, build the Accelerator, run GRPO; returns the before/after metrics."""
     try:
         cfg = load_grpo_config(argv)
-    except ConfigError as err:
+    except (ConfigError, ArtifactError) as err:
         sys.exit(f"train_grpo.py: {err}")
     return run(cfg, make_accelerator())
 

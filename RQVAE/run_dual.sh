@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${DATASET:-Instrument2018_5090}
 DEVICE=${DEVICE:-auto}                 # auto = cuda when present, else cpu
-EPOCHS=${EPOCHS:-EPOCHS_DEFAULT}                 # maximum; early stopping on the collision rate
+EPOCHS=${EPOCHS:-500}                   # maximum; early stopping on the collision rate
 COLLAB_PATH=${COLLAB_PATH:-}           # e.g. ../RecBole/dataset/${DATASET}/${DATASET}_emb_256.npy; empty = config default
 SEMANTIC_PATH=${SEMANTIC_PATH:-}       # e.g. ../RecBole/dataset/${DATASET}/${DATASET}_sentence-transformer_text_384.npy;
                                        # empty = the text stage's file in the dataset folder (any dimension)
@@ -21,6 +21,6 @@ python main.py --config "../config/${DATASET}.yaml" \
   --batch_size 2048 \
   --epochs "$EPOCHS" \
   --device "$DEVICE" \
-  --sk_epsilons SK_DEFAULT \
+  --sk_epsilons 0.0 0.0 0.003 \
   --kmeans_iters 100 \
   "$@"

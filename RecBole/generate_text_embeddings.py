@@ -1,5 +1,6 @@
 """Step 2.2: encode each item's text with a sentence-transformers model, rows aligned to the item map.
 
+    cd RecBole && python generate_text_embeddings.py        # config/Instrument2018_5090.yaml
     cd RecBole && python generate_text_embeddings.py --config ../config/scientific.yaml [--text_model=PATH_OR_NAME]
 
 Reads ``<dataset>.emb_map.json`` and ``<dataset>.item_text.json`` (step 1); writes
@@ -14,13 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.config import load_from_argv
+from etegrec.artifacts import ArtifactError
+from etegrec.config import ConfigError, load_from_argv
 from etegrec.embeddings import text
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_from_argv(argv, default_config=None)
-    text.run(cfg)
+    try:
+        text.run(load_from_argv(argv, default_config="config/Instrument2018_5090.yaml"))
+    except (ConfigError, ArtifactError) as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

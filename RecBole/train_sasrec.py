@@ -1,5 +1,6 @@
 """Step 2.1: train RecBole's SASRec and export item vectors aligned to the prepared item map.
 
+    cd RecBole && python train_sasrec.py                    # config/Instrument2018_5090.yaml
     cd RecBole && python train_sasrec.py --config ../config/beauty.yaml [--sasrec_epochs=50 ...]
 
 Reads ``<data_path>/<dataset>/<dataset>.emb_map.json`` and the jsonl splits (step 1); writes
@@ -14,13 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.config import load_from_argv
+from etegrec.artifacts import ArtifactError
+from etegrec.config import ConfigError, load_from_argv
 from etegrec.embeddings import sasrec
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_from_argv(argv, default_config=None)
-    sasrec.run(cfg)
+    try:
+        sasrec.run(load_from_argv(argv, default_config="config/Instrument2018_5090.yaml"))
+    except (ConfigError, ArtifactError) as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

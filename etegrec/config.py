@@ -112,17 +112,21 @@ class TokenizerConfig:
     bn: bool = _f(False, "batch norm in the MLPs")
     rq_lr: float = _f(0.001, "RQ-VAE pretraining learning rate")
     rq_weight_decay: float = _f(0.0001, "RQ-VAE pretraining weight decay")
-    rq_epochs: int = _f(3000, "RQ-VAE pretraining maximum epochs")
+    rq_epochs: int = _f(500, "RQ-VAE pretraining maximum epochs (the learning rate decays linearly to 0 here)")
     rq_batch_size: int = _f(2048, "RQ-VAE pretraining batch size")
-    rq_warmup_epochs: int = _f(50, "RQ-VAE linear learning-rate warm-up epochs (then linear decay to 0 at rq_epochs)")
+    rq_warmup_epochs: int = _f(10, "RQ-VAE linear learning-rate warm-up epochs (then linear decay to 0 at rq_epochs)")
     rq_dead_code_reset: bool = _f(
         True, "after each pretraining epoch, move codes no item was assigned to onto random current residuals"
     )
-    rq_eval_step: int = _f(50, "epochs between collision evaluations")
-    rq_patience: int = _f(20, "evaluations without a lower collision rate before stopping")
+    rq_eval_step: int = _f(10, "epochs between collision evaluations")
+    rq_patience: int = _f(10, "evaluations without a lower collision rate before stopping")
     rq_seed: int = _f(2024, "RQ-VAE random seed")
     kmeans_iters: int = _f(100, "k-means iterations for codebook initialisation")
-    sk_epsilons: list[float] = _f([0.0, 0.0, 0.003], "Sinkhorn epsilon per level (0 = plain nearest code)")
+    sk_epsilons: list[float] = _f(
+        [0.0, 0.0, 0.003],
+        "Sinkhorn epsilon per level, in training and for the saved item codes (0 = plain nearest code); at the "
+        "last level it gives items that share the earlier codes distinct last codes",
+    )
     sk_iters: int = _f(50, "Sinkhorn iterations")
     rq_device: str = _f("auto", "device for pretraining: auto | cpu | cuda | cuda:N")
     rq_ckpt_dir: str = _f("RQVAE/rqvae_ckpt", "RQ-VAE checkpoint root; runs go to <rq_ckpt_dir>/<dataset>/<TIMESTAMP>/")
@@ -219,6 +223,10 @@ class GRPOConfig:
         1, "policy updates per batch of rollouts (mu in the GRPO paper); 1 = on-policy, the clip acts for > 1"
     )
     grpo_max_grad_norm: float = _f(1.0, "gradient-norm clip of GRPO updates (0 = no clipping)")
+    grpo_epoch_updates: int = _f(
+        0, "optimiser updates per GRPO epoch (0 = one full pass over the training histories; >0 = a fresh random "
+        "subset each epoch, for CPU budgets)"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -302,6 +310,13 @@ class Config:
             raise ConfigError(
                 "grpo_num_iterations must be >= 1, grpo_temperature > 0 and grpo_clip_range in (0, 1); got "
                 f"{g.grpo_num_iterations}, {g.grpo_temperature}, {g.grpo_clip_range}"
+            )
+        grpo_counts = (g.grpo_eval_step, g.grpo_early_stop, g.grpo_batch_size)
+        if min(grpo_counts) < 1 or min(g.grpo_epochs, g.grpo_epoch_updates) < 0:
+            raise ConfigError(
+                "grpo_eval_step, grpo_early_stop and grpo_batch_size must be >= 1, grpo_epochs and grpo_epoch_updates "
+                f">= 0; got {g.grpo_eval_step}, {g.grpo_early_stop}, {g.grpo_batch_size}, {g.grpo_epochs}, "
+                f"{g.grpo_epoch_updates}"
             )
         if g.grpo_group_size < 2:
             raise ConfigError(f"grpo_group_size={g.grpo_group_size}: group-relative advantages need >= 2 samples")

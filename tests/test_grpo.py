@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,13 +47,18 @@ def test_zero_variance_group_gives_zero_advantage_and_no_nan():
     lp = gather_tokens(lp_all, codes)
     kl = token_kl(lp_all, masked_log_softmax(torch.randn(6, 4, 5), None, 1.0))
     res = grpo_loss(
-        lp, lp.detach() - 0.3, out.advantages.reshape(-1), kl, out.informative.repeat_interleave(2),
-        clip_range=0.2, kl_coeff=0.1,
+        lp,
+        lp.detach() - 0.3,
+        out.advantages.reshape(-1),
+        kl,
+        out.informative.repeat_interleave(2),
+        clip_range=0.2,
+        kl_coeff=0.1,
     )
     res.loss.backward()
     assert res.loss.item() == 0.0
     assert torch.isfinite(logits.grad).all() and torch.count_nonzero(logits.grad) == 0
-    assert res.clip_fraction.item() == 0.0 and math.isfinite(res.policy.item())
+    assert res.clip_fraction.item() == 0.0 and res.policy.item() == 0.0 and res.ratio.item() == 1.0
 
 
 def test_rewards_prefix_and_cosine_by_hand():
@@ -67,7 +76,9 @@ def test_rewards_prefix_and_cosine_by_hand():
     vectors[2] = torch.tensor([1.0, 1.0])  # cos 45 deg
     vectors[3] = torch.tensor([0.0, 3.0])  # cos 90 deg
     vectors[4] = torch.tensor([-1.0, 0.0])  # cos 180 deg
-    r = compute_rewards(items, sampled_codes, target, target_codes, alpha=0.5, reward_type="cosine", item_vectors=vectors)
+    r = compute_rewards(
+        items, sampled_codes, target, target_codes, alpha=0.5, reward_type="cosine", item_vectors=vectors
+    )
     assert torch.allclose(r.reward, torch.tensor([[1.5, 0.5 / math.sqrt(2), 0.0, -0.5]]), atol=1e-6)
     r = compute_rewards(items, sampled_codes, target, target_codes, alpha=0.5, reward_type="none")
     assert r.reward.tolist() == [[1.0, 0.0, 0.0, 0.0]]
@@ -120,8 +131,9 @@ def _tiny_model_and_trie(seed: int = 0):
     from etegrec.rec.model import GenerativeRecommender
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=6,
-                      code_length=3)
+    cfg = ModelConfig(
+        encoder_layers=1, decoder_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=6, code_length=3
+    )
     model = GenerativeRecommender(cfg=cfg, semantic_dim=4, latent_dim=4).eval()
     # 20 distinct items over a 6 x 6 x 6 code space
     flat = torch.randperm(6**3, generator=torch.Generator().manual_seed(seed))[:20]
@@ -148,3 +160,227 @@ def test_rollouts_are_valid_items_with_consistent_log_probs():
     ref_seq = gather_tokens(ro.ref_log_probs, tok).sum(-1)
     assert torch.allclose(ref_seq, ro.sample_log_probs, atol=1e-4)
     assert torch.isfinite(ro.advantages).all()
+
+
+def test_policy_update_changes_policy_and_keeps_reference_fixed():
+    from etegrec.config import GRPOConfig
+    from etegrec.grpo.trainer import GroupScorer, collect_rollouts, policy_update
+    from etegrec.runtime import make_accelerator
+
+    model, trie = _tiny_model_and_trie(seed=1)
+    reference = GroupScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
+    ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = GroupScorer(model=model)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    cfg = GRPOConfig(grpo_group_size=6, grpo_num_iterations=2, grpo_reward_type="prefix")
+    history = torch.randint(0, 6, (5, 6))
+    target = torch.randint(1, 21, (5,))
+    ros = [collect_rollouts(model, reference, trie, history, target, cfg, None) for _ in range(2)]
+    stats = policy_update(scorer, ros, opt, sched, make_accelerator(), cfg)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert stats["logp_gap"] < 1e-3  # sampler and teacher-forced scorer agree on the rollout policy
+    assert 0.0 <= stats["zero_var_share"] <= 1.0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("token_embeddings" in k for k in changed) and any("t5.decoder" in k for k in changed)
+    assert all(torch.equal(v, ref_before[k]) for k, v in reference.state_dict().items())
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    from etegrec.config import GRPOConfig
+    from etegrec.grpo.algorithm import Rewards
+    from etegrec.grpo.trainer import GroupScorer, Rollouts, collect_rollouts, policy_update
+    from etegrec.runtime import make_accelerator
+
+    model, trie = _tiny_model_and_trie(seed=2)
+    reference = GroupScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
+    cfg = GRPOConfig(grpo_group_size=4, grpo_max_grad_norm=0.0, grpo_kl_coeff=0.5)
+    torch.manual_seed(3)
+    parts = [
+        collect_rollouts(model, reference, trie, torch.randint(0, 6, (4, 6)), torch.randint(1, 21, (4,)), cfg, None)
+        for _ in range(2)
+    ]
+    whole = Rollouts(
+        *(
+            Rewards(*(torch.cat(t) for t in zip(*fields))) if isinstance(fields[0], Rewards) else torch.cat(fields)
+            for fields in zip(*parts)
+        )
+    )
+    results = []
+    for rollouts in (parts, [whole]):
+        policy = copy.deepcopy(model)
+        scorer = GroupScorer(model=policy)
+        opt = torch.optim.SGD(scorer.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        policy_update(scorer, rollouts, opt, sched, make_accelerator(), cfg)
+        results.append(policy.state_dict())
+    moved = [k for k, v in results[0].items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved  # one step over two accumulated micro-batches = one step over their union
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+# ----------------------------------------------------------------------------- tier (c): tiny runs
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A tiny dataset and a briefly trained joint checkpoint (L_REC only) saved with the joint format."""
+    from tiny_data import make_tiny_dataset
+
+    from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
+    from etegrec.rec.checkpoint import build_recommender, save_joint
+    from etegrec.rec.data import CodeTable, SequenceDataset, train_loader
+    from etegrec.tokenizer.rqvae import load_rqvae
+
+    root = tmp_path_factory.mktemp("grpo")
+    cfg = make_tiny_dataset(root, n_users=30)
+    tokenizer, obj = load_rqvae(cfg.tokenizer.rqvae_path)
+    torch.manual_seed(0)
+    model = build_recommender(cfg, tokenizer.model_args())
+    files = DatasetFiles.from_config(cfg)
+    splits = load_splits(files, load_item_map(files), cfg.data.max_his_len)
+    codes = CodeTable(obj["item_codes"])
+    loader = train_loader(SequenceDataset(splits["train"], cfg.data.max_his_len), codes, 32, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model.train()
+    for epoch in range(8):
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            opt.zero_grad()
+            model(batch.history_codes, batch.target_codes).loss_rec.backward()
+            opt.step()
+    path = root / "ckpt" / "tiny" / "sft" / "best.pt"
+    save_joint(
+        path,
+        cfg=cfg,
+        model=model.eval(),
+        tokenizer=tokenizer,
+        item_codes=obj["item_codes"],
+        epoch=8,
+        phase="finetune",
+        metrics={},
+    )
+    return path, cfg
+
+
+def test_config_comes_from_the_checkpoint(sft_checkpoint, tmp_path):
+    import yaml
+
+    from etegrec.config import ConfigError
+    from etegrec.grpo.trainer import load_grpo_config
+
+    path, sft_cfg = sft_checkpoint
+    cfg = load_grpo_config([f"--sft_ckpt={path}", "--grpo_lr=0.001", "--grpo_group_size", "3", "--num_beams=12"])
+    assert cfg.model == sft_cfg.model and cfg.tokenizer.num_emb_list == [8, 8, 8]
+    assert (cfg.grpo.grpo_lr, cfg.grpo.grpo_group_size, cfg.train.num_beams) == (0.001, 3, 12)
+    assert cfg.grpo.sft_ckpt == str(path)
+    with pytest.raises(ConfigError, match="d_model=32 .*differs from the SFT checkpoint"):
+        load_grpo_config([f"--sft_ckpt={path}", "--d_model=32"])
+    with pytest.raises(ConfigError, match="lr_rec"):
+        load_grpo_config([f"--sft_ckpt={path}", "--lr_rec=0.5"])
+    load_grpo_config([f"--sft_ckpt={path}", "--d_model=16"])  # equal to the checkpoint: allowed
+    with pytest.raises(ConfigError, match="--sft_ckpt"):
+        load_grpo_config(["--grpo_lr=0.001"])
+    # a config file may carry other stages' keys (ignored) but not another architecture
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"epochs": 999, "grpo_epochs": 7, "d_model": 16}))
+    cfg = load_grpo_config(["--config", str(good), f"--sft_ckpt={path}"])
+    assert cfg.train.epochs == sft_cfg.train.epochs and cfg.grpo.grpo_epochs == 7
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"d_model": 64}}))
+    with pytest.raises(ConfigError, match="d_model"):
+        load_grpo_config(["--config", str(bad), f"--sft_ckpt={path}"])
+
+
+def _grpo_cfg(path, *extra):
+    from etegrec.grpo.trainer import load_grpo_config
+
+    return load_grpo_config(
+        [
+            f"--sft_ckpt={path}",
+            "--grpo_group_size=4",
+            "--grpo_batch_size=16",
+            "--gradient_accumulation_steps=2",
+            "--grpo_epochs=2",
+            "--grpo_early_stop=2",
+            "--num_beams=10",
+            "--eval_batch_size=16",
+            *extra,
+        ]
+    )
+
+
+def test_short_run_changes_policy_and_never_keeps_worse_than_sft(sft_checkpoint):
+    from etegrec.grpo.trainer import run
+    from etegrec.rec.checkpoint import load_joint, read_joint
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    sft = read_joint(path)
+    cfg = _grpo_cfg(path, "--grpo_lr=0.003")
+    summary = run(cfg, make_accelerator())
+    key = summary["valid_metric"]
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.name.endswith("_grpo") and run_dir.parent == path.parent.parent
+    assert summary["grpo"]["valid"][key] >= summary["sft"]["valid"][key]
+    assert json.loads((run_dir / "metrics.json").read_text())["kept"] == summary["kept"]
+    # the policy moved (last.pt), the alignment adapters did not, and the files are weights_only-loadable
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    moved = [k for k, v in last["model"].items() if not torch.equal(v, sft["model"][k])]
+    assert moved and not any("adapter" in k for k in moved)
+    kept = load_joint(run_dir / "best.pt")
+    assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes, sft["item_codes"])
+    assert kept.raw["metrics"]["test"] == summary["grpo"]["test"]
+
+
+def test_kept_checkpoint_is_the_sft_model_when_grpo_only_hurts(sft_checkpoint):
+    from etegrec.grpo.trainer import run
+    from etegrec.rec.checkpoint import read_joint
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    sft = read_joint(path)
+    # a destructive learning rate: no epoch can beat the SFT model, so best.pt must hold the SFT weights
+    summary = run(_grpo_cfg(path, "--grpo_lr=1.0", "--grpo_max_grad_norm=0", "--grpo_epochs=1"), make_accelerator())
+    assert summary["kept"] == "sft" and summary["best_epoch"] == 0
+    assert summary["grpo"] == {"valid": summary["sft"]["valid"], "test": summary["sft"]["test"]}
+    best = read_joint(Path(summary["run_dir"]) / "best.pt")
+    assert all(torch.equal(v, sft["model"][k]) for k, v in best["model"].items())
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(sft_checkpoint):
+    """The user's launcher (2 processes, gloo on CPU): replicas stay equal (checked every epoch by the trainer)."""
+    import socket
+    import subprocess
+
+    path, _ = sft_checkpoint
+    repo = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(repo / "accelerate_config_ddp.yaml"),
+            "--main_process_port",
+            str(port),
+            str(repo / "train_grpo.py"),
+            f"--sft_ckpt={path}",
+            "--grpo_group_size=4",
+            "--grpo_batch_size=8",
+            "--gradient_accumulation_steps=2",
+            "--grpo_epochs=2",
+            "--grpo_lr=0.003",
+            "--num_beams=10",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout and "before / after GRPO" in proc.stdout

@@ -251,6 +251,7 @@ def test_pretrain_two_epochs_writes_checkpoints(tmp_path: Path) -> None:
     assert len(torch.unique(raw["item_codes"], dim=0)) == 300  # all IDs unique with the suffix
     assert raw["input"] == {**raw["input"], "tokenizer_input": "dual", "n_items": 300, "in_dim": 24}
     assert f"best_collision_{raw['metrics']['collision_rate']:.4f}" in best.name
+    assert raw["metrics"]["collision_rate"] <= raw["metrics"]["collision_rate_nearest"]  # Sinkhorn at level 3
     model, _ = load_rqvae(best)
     assert model.model_args()["in_dim"] == 24
     assert list((tmp_path / "logs" / "Tiny" / "rqvae" / run_dir.name).glob("events.out.tfevents.*"))
@@ -272,3 +273,17 @@ def test_main_script_flag_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert (t.rq_batch_size, t.rq_epochs, t.rq_device, t.kmeans_iters, t.rq_lr) == (2048, 10, "cpu", 7, 0.002)
     assert t.layers == [1024, 512, 256] and t.sk_epsilons == [0.0, 0.0, 0.003]
     assert t.collab_emb_path == str(tmp_path / "c.npy") and t.text_emb_path == "/abs/t.npy"
+
+
+def test_revive_dead_codes_moves_only_dead_codes_onto_residuals() -> None:
+    torch.manual_seed(0)
+    q = ResidualQuantizer(num_emb_list=[4, 4], e_dim=3)
+    z = torch.randn(20, 3)
+    before = [cb.weight.detach().clone() for cb in q.codebooks]
+    dead = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    moved = q.revive_dead_codes(z, dead, torch.Generator().manual_seed(0))
+    assert moved == [2, 0]
+    w = q.codebooks[0].weight.detach()
+    assert torch.equal(w[[0, 2]], before[0][[0, 2]]) and torch.equal(q.codebooks[1].weight.detach(), before[1])
+    for row in w[[1, 3]]:  # a revived level-1 code is one of the level-1 residuals, i.e. a row of z
+        assert bool((z == row).all(dim=1).any())

@@ -279,14 +279,13 @@ def run(cfg: Config) -> dict[str, Any]:
     name = files.name
     recbole_name = f"{name}_recbole"
     recbole_dir = files.dir / recbole_name
-    stamp = timestamp()
-    log_file = recbole_dir / "log" / f"SASRec-{stamp}.log"
-    setup_logging(log_file)
-
     item_map = load_item_map(files)
     n_items = len(item_map) - 1
     splits = load_splits(files, item_map)
     seqs = user_sequences(splits, files)
+    stamp = timestamp()
+    log_file = recbole_dir / "log" / f"SASRec-{stamp}.log"
+    setup_logging(log_file)
     write_recbole_inter(recbole_dir / f"{recbole_name}.inter", seqs.sequences)
     logger.info("%s: %d users, %d items; RecBole input %s", name, len(seqs.users), n_items, recbole_dir)
 

@@ -24,8 +24,9 @@ Choices, and where they depart from the GRPO paper, from TRL's ``GRPOTrainer`` a
   DAPO drops such groups): they carry no learning signal, so they move no weight. The loss is still divided by
   the full number of samples, so its scale does not jump when few groups are informative.
 * **Ratio against the old policy**: ``exp(log pi_theta - log pi_old)`` per token, with ``pi_old`` the policy
-  that generated the rollouts (its log-probs are stored at rollout time); the reference uses the frozen SFT
-  model here, which makes the "ratio" a KL surrogate and ``!= 1`` from the first step. With
+  that generated the rollouts (its per-token log-probs are kept from before the first update on them, and
+  checked against the sampler's sequence log-probs); the reference uses the frozen SFT model here, which
+  makes the "ratio" a KL surrogate and ``!= 1`` from the first step. With
   ``grpo_num_iterations = 1`` (TRL's default) the ratio is 1 at the gradient step and the clip is inactive; it
   acts when several updates reuse one batch of rollouts (the paper's mu).
 * **Token-level objective**: per-token clipped surrogate ``-min(rho A, clip(rho, 1 +- eps) A)``, averaged over
@@ -78,7 +79,7 @@ class GRPOLoss(NamedTuple):
     policy: Tensor  # mean clipped surrogate over informative samples (detached)
     kl: Tensor  # mean token KL to the reference over all samples (detached)
     clip_fraction: Tensor  # share of informative tokens whose gradient the clip removed (detached)
-    ratio: Tensor  # mean policy ratio over informative tokens (detached)
+    ratio: Tensor  # mean policy ratio over informative tokens, 1 when there are none (detached)
 
 
 def shared_prefix_length(sampled_codes: Tensor, target_codes: Tensor) -> Tensor:
@@ -240,6 +241,7 @@ def grpo_loss(
         tok_w = weight.unsqueeze(-1)  # (N, 1)
         policy = -(surrogate * tok_w).sum() / denom
         clip_fraction = (clipped.float() * tok_w).sum() / denom
-        mean_ratio = (ratio * tok_w).sum() / denom
+        # no informative token: report the neutral ratio 1 rather than an empty mean
+        mean_ratio = (ratio * tok_w).sum() / denom if tokens > 0 else torch.ones_like(denom)
         mean_kl = kl.mean() if kl.numel() else kl.sum()
     return GRPOLoss(loss=loss, policy=policy, kl=mean_kl, clip_fraction=clip_fraction, ratio=mean_ratio)

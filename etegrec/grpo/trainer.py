@@ -22,9 +22,13 @@ One update (``gradient_accumulation_steps`` = k micro-batches of ``grpo_batch_si
 
 Deviations from the reference trainer (spec §8, §9, §11.1-20), besides those listed in ``algorithm``:
 ``--sft_ckpt`` alone rebuilds everything (no ``--rqvae_ckpt`` / ``--code_json``), architecture keys cannot be
-overridden; the SFT model is evaluated before training and is the fallback; ``gradient_accumulation_steps``,
+overridden; tokenizer and item codes stay those of the checkpoint (as in the reference) and are copied into
+every GRPO checkpoint, which has the joint format, so ``load_joint`` and evaluation read it like any other;
+the SFT model is evaluated before training and is the fallback; ``gradient_accumulation_steps``,
 ``grpo_max_grad_norm`` and ``grpo_reward_type`` are honoured; the alignment adapters (unused by GRPO) are frozen
-so weight decay does not touch them; hit rate is ``mean(sampled == target)``, not ``reward >= 1``.
+so weight decay does not touch them; hit rate is ``mean(sampled == target)``, not ``reward >= 1``; every
+process checks after each epoch that all replicas hold the same weights. Not provided: ``--resume`` (``last.pt``
+holds the optimiser state, but a GRPO run restarts from a checkpoint with ``--sft_ckpt``).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -46,7 +51,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from etegrec import config as config_mod
-from etegrec.artifacts import ArtifactError, DatasetFiles, atomic_write_json, load_item_map, load_item_vectors, load_splits
+from etegrec.artifacts import (
+    ArtifactError,
+    DatasetFiles,
+    atomic_write_json,
+    load_item_map,
+    load_item_vectors,
+    load_splits,
+)
 from etegrec.config import Config, ConfigError, GRPOConfig, config_from_dict
 from etegrec.grpo.algorithm import (
     Rewards,
@@ -81,6 +93,7 @@ MUTABLE_KEYS = frozenset(f.name for f in dataclasses.fields(GRPOConfig)) | {
     "tensorboard",
     "weight_decay",
     "lr_scheduler_type",
+    "bucket_window",
     "data_path",
     "collab_emb_path",
     "text_emb_path",
@@ -230,14 +243,21 @@ def collect_rollouts(
     """
     g = cfg.grpo_group_size
     out = sample(policy, trie, history, num_samples=g, temperature=cfg.grpo_temperature)  # items (B, G)
+    # sample() runs under inference_mode; plain copies may enter the autograd graph of the update
+    out = type(out)(*(t.clone() for t in out))
     batch, _, length = out.codes.shape
     flat = out.codes.reshape(batch * g, length)  # (N, C)
     allowed = allowed_tokens(trie, flat)  # (N, C, K)
     ref_log_probs = masked_log_softmax(reference(history, out.codes), allowed, cfg.grpo_temperature)  # (N, C, K)
     target_codes = trie.item_codes[target_items - 1]  # (B, C)
     rewards = compute_rewards(
-        out.items, out.codes, target_items, target_codes,
-        alpha=cfg.grpo_reward_alpha, reward_type=cfg.grpo_reward_type, item_vectors=item_vectors,
+        out.items,
+        out.codes,
+        target_items,
+        target_codes,
+        alpha=cfg.grpo_reward_alpha,
+        reward_type=cfg.grpo_reward_type,
+        item_vectors=item_vectors,
     )
     adv = group_advantages(rewards.reward)
     return Rollouts(
@@ -256,8 +276,18 @@ def collect_rollouts(
 
 # ------------------------------------------------------------------------------------------------ update
 STAT_NAMES = (
-    "loss", "policy", "kl", "clip_fraction", "ratio", "reward", "hit_rate", "graded", "zero_var_share",
-    "adv_abs", "adv_range", "logp_gap",
+    "loss",
+    "policy",
+    "kl",
+    "clip_fraction",
+    "ratio",
+    "reward",
+    "hit_rate",
+    "graded",
+    "zero_var_share",
+    "adv_abs",
+    "adv_range",
+    "logp_gap",
 )
 
 
@@ -304,8 +334,13 @@ def policy_update(
                     gap = (old[i].sum(-1) - ro.sample_log_probs).abs().max().item()
                     sums["logp_gap"] = max(sums["logp_gap"], gap)
                 res = grpo_loss(
-                    log_probs, old[i], ro.advantages, token_kl(log_probs_all, ro.ref_log_probs), ro.informative,
-                    clip_range=cfg.grpo_clip_range, kl_coeff=cfg.grpo_kl_coeff,
+                    log_probs,
+                    old[i],
+                    ro.advantages,
+                    token_kl(log_probs_all, ro.ref_log_probs),
+                    ro.informative,
+                    clip_range=cfg.grpo_clip_range,
+                    kl_coeff=cfg.grpo_kl_coeff,
                 )
                 if not torch.isfinite(res.loss):
                     raise FloatingPointError(
@@ -336,6 +371,22 @@ def _item_vectors(cfg: Config, n_items: int, device: torch.device) -> Tensor | N
         return None
     vectors = torch.from_numpy(load_item_vectors(cfg, n_items))  # (N, d)
     return torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(device)
+
+
+def _new_run_dir(cfg: Config, accelerator: Any) -> Path:
+    """``<ckpt_dir>/<dataset>/<TIMESTAMP>_grpo[-k]``, created by the main process and shared with the others."""
+    root = cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset
+    name: list[str | None] = [None]
+    if accelerator.is_main_process:
+        stamp = f"{timestamp()}_grpo"
+        run_dir, k = root / stamp, 1
+        while run_dir.exists():  # two runs in the same second
+            run_dir, k = root / f"{stamp}-{k}", k + 1
+        run_dir.mkdir(parents=True)
+        name = [run_dir.name]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    return root / str(name[0])
 
 
 def _check_architecture(cfg: Config, stored: Config, path: str) -> None:
@@ -372,20 +423,24 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     main = accelerator.is_main_process
     device = accelerator.device
     set_seed(tr.seed + accelerator.process_index)
-    run_name = broadcast_object_list([f"{timestamp()}_grpo"])[0]
-    run_dir = cfg.path(tr.ckpt_dir) / cfg.data.dataset / run_name
+    run_dir = _new_run_dir(cfg, accelerator)
+    run_name = run_dir.name
     log_root = cfg.path(tr.log_dir) / cfg.data.dataset
     setup_logging(log_root / f"{run_name}.log", is_main=main)
     if main:
         write_run_info(run_dir, cfg)
     tb = TensorBoard(log_root / "tb" / run_name, enabled=tr.tensorboard and main)
-    logger.info("GRPO run %s from %s on %d process(es)", run_dir, g.sft_ckpt, accelerator.num_processes)
-    logger.info("GRPO settings: %s, gradient_accumulation_steps=%d", dataclasses.asdict(g), tr.gradient_accumulation_steps)
+    logger.info(
+        "GRPO run %s from %s on %d process(es), device %s", run_dir, g.sft_ckpt, accelerator.num_processes, device
+    )
+    logger.info(
+        "GRPO settings: %s, gradient_accumulation_steps=%d", dataclasses.asdict(g), tr.gradient_accumulation_steps
+    )
 
     # ---- model, tokenizer, codes: from the checkpoint alone
-    state = load_joint(g.sft_ckpt, map_location=device)
+    state = load_joint(g.sft_ckpt, map_location="cpu")  # torch.load rejects "cpu:N", the device of CPU ranks
     _check_architecture(cfg, state.cfg, g.sft_ckpt)
-    policy = state.model.eval()  # eval mode for the whole run: no dropout (see the module docstring)
+    policy = state.model.to(device).eval()  # eval mode for the whole run: no dropout (see the module docstring)
     for adapter in (policy.enc_adapter, policy.dec_adapter):  # alignment adapters: not part of the GRPO forward
         adapter.requires_grad_(False)
     reference = GroupScorer(model=copy.deepcopy(policy)).requires_grad_(False).eval()
@@ -403,13 +458,18 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     splits = load_splits(files, item_map, cfg.data.max_his_len)
     codes = CodeTable(state.item_codes)
     train_dl = train_loader(
-        SequenceDataset(splits["train"], cfg.data.max_his_len), codes, g.grpo_batch_size, seed=tr.seed,
-        num_replicas=accelerator.num_processes, rank=accelerator.process_index, num_workers=tr.num_workers,
+        SequenceDataset(splits["train"], cfg.data.max_his_len),
+        codes,
+        g.grpo_batch_size,
+        seed=tr.seed,
+        window=tr.bucket_window,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        num_workers=tr.num_workers,
     )
     valid_dl, test_dl = (
-        accelerator.prepare(
-            eval_loader(SequenceDataset(splits[s], cfg.data.max_his_len), codes, tr.eval_batch_size,
-                        num_workers=tr.num_workers)
+        eval_loader(
+            SequenceDataset(splits[s], cfg.data.max_his_len), codes, tr.eval_batch_size, num_workers=tr.num_workers
         )
         for s in ("valid", "test")
     )
@@ -422,8 +482,12 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     )
     accum = tr.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(train_dl) / accum)
+    if g.grpo_epoch_updates:
+        updates_per_epoch = min(updates_per_epoch, g.grpo_epoch_updates)
     scheduler = build_scheduler(
-        optimizer, kind=tr.lr_scheduler_type, warmup_steps=0,
+        optimizer,
+        kind=tr.lr_scheduler_type,
+        warmup_steps=0,
         total_steps=max(1, updates_per_epoch * g.grpo_epochs * g.grpo_num_iterations),
     )
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
@@ -437,8 +501,14 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
             model = copy.deepcopy(policy)
             model.load_state_dict(weights)
             save_joint(
-                run_dir / name, cfg=cfg, model=model, tokenizer=state.tokenizer, item_codes=state.item_codes,
-                epoch=epoch, phase="grpo", metrics=metrics,
+                run_dir / name,
+                cfg=cfg,
+                model=model,
+                tokenizer=state.tokenizer,
+                item_codes=state.item_codes,
+                epoch=epoch,
+                phase="grpo",
+                metrics=metrics,
                 optimizers={"grpo": optimizer.state_dict()} if with_optimizer else None,
                 schedulers={"grpo": scheduler.state_dict()} if with_optimizer else None,
             )
@@ -456,10 +526,24 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     for epoch in range(1, g.grpo_epochs + 1):
         train_dl.batch_sampler.set_epoch(epoch)
         epoch_stats, step = _train_epoch(
-            policy, scorer, reference, trie, train_dl, optimizer, scheduler, accelerator, g, accum, item_vectors,
-            tb, step, epoch, updates_per_epoch,
+            policy,
+            scorer,
+            reference,
+            trie,
+            train_dl,
+            optimizer,
+            scheduler,
+            accelerator,
+            g,
+            accum,
+            item_vectors,
+            tb,
+            step,
+            epoch,
+            updates_per_epoch,
         )
         logger.info("epoch %d train: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in epoch_stats.items()))
+        _check_replicas_agree(policy, accelerator)
         if epoch % g.grpo_eval_step and epoch != g.grpo_epochs:
             continue
         valid = validate(policy, valid_dl)
@@ -472,8 +556,16 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
             logger.info("epoch %d valid %s=%.6f: new best, saved %s", epoch, key, valid[key], run_dir / "best.pt")
         else:
             patience += 1
-            logger.info("epoch %d valid %s=%.6f (best %.6f at epoch %d, %d/%d evaluations without gain)",
-                        epoch, key, valid[key], best["score"], best["epoch"], patience, g.grpo_early_stop)
+            logger.info(
+                "epoch %d valid %s=%.6f (best %.6f at epoch %d, %d/%d evaluations without gain)",
+                epoch,
+                key,
+                valid[key],
+                best["score"],
+                best["epoch"],
+                patience,
+                g.grpo_early_stop,
+            )
             if patience >= g.grpo_early_stop:
                 logger.info("early stop after epoch %d", epoch)
                 break
@@ -496,15 +588,33 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
         "grpo": {"valid": best["valid"], "test": kept_test},
         "evaluations": evaluations,
     }
-    save("best.pt", best["epoch"], {"valid": best["valid"], "test": kept_test, "kept": kept}, best["weights"],
-         with_optimizer=False)
+    save(
+        "best.pt",
+        best["epoch"],
+        {"valid": best["valid"], "test": kept_test, "kept": kept},
+        best["weights"],
+        with_optimizer=False,
+    )
     if main:
         atomic_write_json(run_dir / "metrics.json", summary)
+    tb.scalars(epoch, sft_test, prefix="test_sft/")
+    tb.scalars(epoch, kept_test, prefix="test_grpo/")
     columns = {"SFT valid": sft_valid, "GRPO valid": best["valid"], "SFT test": sft_test, "GRPO test": kept_test}
-    logger.info("before / after GRPO (kept: %s, epoch %d):\n%s", kept, best["epoch"],
-                _comparison_table(columns, metric_names))
+    logger.info(
+        "before / after GRPO (kept: %s, epoch %d):\n%s", kept, best["epoch"], _comparison_table(columns, metric_names)
+    )
     tb.close()
     return summary
+
+
+def _check_replicas_agree(model: nn.Module, accelerator: Any) -> None:
+    """Every process must hold the same weights (gradients are all-reduced by the DDP-wrapped scorer)."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)  # (1,)
+    sums = accelerator.gather(checksum.to(accelerator.device))  # (world,)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0.0):
+        raise RuntimeError(f"GRPO replicas diverged (weight checksums {sums.tolist()}); gradients were not all-reduced")
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
@@ -533,11 +643,13 @@ def _train_epoch(
     totals: dict[str, float] = {}
     done = 0
     bar = tqdm(total=updates, desc=f"GRPO epoch {epoch}", disable=not accelerator.is_main_process, leave=False)
-    while micro := list(itertools.islice(batches, accum)):
+    while done < updates and (micro := list(itertools.islice(batches, accum))):
         rollouts = []
         for batch in micro:
             batch = batch.to(accelerator.device)
-            rollouts.append(collect_rollouts(policy, reference, trie, batch.history_codes, batch.target, g, item_vectors))
+            rollouts.append(
+                collect_rollouts(policy, reference, trie, batch.history_codes, batch.target, g, item_vectors)
+            )
         local = policy_update(scorer, rollouts, optimizer, scheduler, accelerator, g)
         names = sorted(local)
         mean = accelerator.reduce(torch.tensor([local[n] for n in names], device=accelerator.device), "mean")
@@ -549,7 +661,11 @@ def _train_epoch(
         for name, value in stats.items():
             totals[name] = totals.get(name, 0.0) + value
         bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", hit=f"{stats['hit_rate']:.3f}", kl=f"{stats['kl']:.2e}",
-                        zero_var=f"{stats['zero_var_share']:.2f}")
+        bar.set_postfix(
+            reward=f"{stats['reward']:.3f}",
+            hit=f"{stats['hit_rate']:.3f}",
+            kl=f"{stats['kl']:.2e}",
+            zero_var=f"{stats['zero_var_share']:.2f}",
+        )
     bar.close()
     return {name: value / max(done, 1) for name, value in totals.items()}, step

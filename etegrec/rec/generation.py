@@ -11,16 +11,20 @@ Scores (one definition per use, stated once here):
   the sampled prefix. It is a proper distribution over the catalogue (every sample is a real item), which is
   what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients.
 
-Speed (spec §12): the encoder runs once per user; the decoder is an incremental T5 pass over the model's own
-weights (``_IncrementalDecoder``) with a self-attention KV cache that is re-gathered when beams are reordered and
-cross-attention keys/values computed ONCE per user: the beams of a user are that user's queries, so nothing of
-the encoder side is copied per beam. The first step runs one row per user (only one live beam). It equals the
-HF decoder (tests compare the two); it has no dropout, so decoding always runs with the model in eval mode.
+Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
+* Users are sorted by history length and encoded in a few length chunks (``_length_chunks``: fewest padded
+  tokens plus a per-chunk cost), each trimmed to its own longest history; the encoder runs once per user.
+* The decoder is an incremental T5 pass over the model's own weights (``_IncrementalDecoder``, equal to
+  ``model.decode`` -- the tests compare them): cross-attention keys/values are computed once per user and a
+  user's beams attend as that user's queries, so nothing on the encoder side is copied per beam; the
+  self-attention cache keeps the BOS position once per user and later positions per beam, re-gathered when beams
+  are reordered; the first step runs one row per user (only one live beam). It has no dropout, so decoding
+  always runs with the model in eval mode (its mode is restored afterwards).
 
 Deviations from the reference: constrained decoding (the reference is unconstrained, spec §7), so every
-returned candidate is a distinct real item; leading/trailing all-padding history columns are cut before
-encoding (T5 positions are relative, so real tokens see the same thing), which also makes results independent of
-how a batch was padded. ``HFConstrainedGenerator`` is the transformers ``generate`` path kept for the speed and
+returned candidate is a distinct real item; all-padding history columns at either end are cut before encoding
+(T5 positions are relative, so real tokens see the same thing), so results do not depend on how a batch was
+padded or composed. ``HFConstrainedGenerator`` is the transformers ``generate`` path kept for the speed and
 agreement benchmark only.
 """
 
@@ -28,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,11 +130,6 @@ class ItemTrie:
         moved.code_num = self.code_num
         return moved
 
-    def code_table(self) -> Tensor:
-        """(N+1, C) long lookup table for ``history_to_codes``: row 0 (padding) = -1, row j = item j's codes."""
-        pad = torch.full((1, self.code_length), -1, dtype=torch.long, device=self.device)
-        return torch.cat([pad, self.item_codes], dim=0)
-
     def next_states(self, level: int, states: Tensor) -> Tensor:
         """Child table rows for prefix ids at ``level``: (...,) -> (..., K) int32 (-1 = invalid token).
 
@@ -161,16 +162,6 @@ class ItemTrie:
         return torch.where(ok, nxt, torch.full_like(nxt, -1))
 
 
-def history_to_codes(item_ids: Tensor, code_table: Tensor) -> Tensor:
-    """Flatten item-id histories to code tokens: (B, T) ids (0 = pad) -> (B, T*C) codes (-1 = pad).
-
-    Args:
-        item_ids: (B, T) long item ids, 0 = padding.
-        code_table: (N+1, C) long with row 0 = -1 (``ItemTrie.code_table()``).
-    """
-    return code_table[item_ids].reshape(item_ids.shape[0], -1)
-
-
 def trim_history(history_codes: Tensor) -> Tensor:
     """Drop leading and trailing columns that are padding (-1) in every row: (B, S) -> (B, S')."""
     used = (history_codes >= 0).any(dim=0).nonzero()
@@ -196,20 +187,19 @@ def _length_chunks(lengths: Tensor, token_penalty: int = 128) -> list[int]:
     Minimises ``sum_chunks(users * longest) + token_penalty * chunks`` (padded tokens plus a per-call cost) by
     dynamic programming over the sorted lengths; returns the chunk sizes.
     """
-    sizes_sorted = lengths.tolist()
-    n = len(sizes_sorted)
-    best = [0.0] * (n + 1)  # best[j]: cost of the first j users
-    cut = [0] * (n + 1)
+    longest = lengths.double().numpy()  # (n,) ascending: a chunk ending at j is padded to longest[j]
+    n = longest.shape[0]
+    best = np.zeros(n + 1)  # best[j]: cost of the first j users
+    cut = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
-        longest = sizes_sorted[j - 1]
-        options = [best[i] + (j - i) * longest for i in range(j)]
-        i = min(range(j), key=options.__getitem__)
-        best[j], cut[j] = options[i] + token_penalty, i
+        options = best[:j] + (j - np.arange(j)) * longest[j - 1]  # last chunk = users i..j-1
+        cut[j] = int(options.argmin())
+        best[j] = options[cut[j]] + token_penalty
     sizes = []
     j = n
     while j > 0:
-        sizes.append(j - cut[j])
-        j = cut[j]
+        sizes.append(int(j - cut[j]))
+        j = int(cut[j])
     return sizes[::-1]
 
 
@@ -335,8 +325,15 @@ def _bos(model: GenerativeRecommender, rows: int) -> Tensor:
     return model.decoder_inputs(torch.empty(rows, 0, dtype=torch.long, device=model.t5.shared.weight.device))[:, 0]
 
 
+_Result = TypeVar("_Result", "BeamOutput", "SampleOutput")
+
+
+def _outside_inference_mode(out: _Result) -> _Result:
+    """Copy inference-mode results into normal tensors (usable in autograd, e.g. GRPO's teacher forcing)."""
+    return type(out)(*(t.clone() for t in out))
+
+
 # ------------------------------------------------------------------------------------------- beam search
-@torch.inference_mode()
 def beam_search(
     model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
 ) -> BeamOutput:
@@ -352,42 +349,48 @@ def beam_search(
     if not 1 <= top_k <= num_beams:
         raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
     _check_compatible(model, trie)
-    k_num, length = trie.code_num, trie.code_length
     with _eval_mode(model):
-        encoded = _encode_by_length(model, history_codes)
-        decoder = _IncrementalDecoder(model, encoded)
-        batch = history_codes.shape[0]
-        device = history_codes.device
-        x = _bos(model, batch)  # (B, d): one live beam per user at the first step
-        states = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, w) prefix ids
-        scores = torch.zeros(batch, 1, device=device)  # (B, w)
-        codes = torch.empty(batch, 1, 0, dtype=torch.long, device=device)  # (B, w, l)
-        for level in range(length):
-            width = states.shape[1]
-            logp = torch.log_softmax(model.level_logits(decoder.step(x), level).float(), dim=-1)  # (B*w, K)
-            nxt = trie.next_states(level, states.view(-1))  # (B*w, K)
-            logp = logp.masked_fill(nxt < 0, -math.inf)
-            cand = (scores.unsqueeze(-1) + logp.view(batch, width, k_num)).view(batch, width * k_num)
-            scores, idx = cand.topk(min(num_beams, width * k_num), dim=1)  # (B, w') sorted
-            src, token = idx // k_num, idx % k_num  # (B, w')
-            states = nxt.view(batch, width * k_num).gather(1, idx).long()  # (B, w') child ids / item ids
-            codes = torch.cat([codes.gather(1, src.unsqueeze(-1).expand(-1, -1, level)), token.unsqueeze(-1)], -1)
-            if level < length - 1:
-                decoder.reorder((torch.arange(batch, device=device).unsqueeze(1) * width + src).view(-1))
-                x = model.token_embeddings[level](token.view(-1))  # (B*w', d)
-        back = torch.empty_like(encoded.order)
-        back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
-        scores = scores[back, :top_k]  # (B, k)
-        alive = torch.isfinite(scores)
-        return BeamOutput(
-            items=torch.where(alive, states[back, :top_k], 0),
-            codes=codes[back, :top_k].masked_fill(~alive.unsqueeze(-1), -1),
-            scores=scores,
-        )
+        return _outside_inference_mode(_beam_search(model, trie, history_codes, num_beams, top_k))
+
+
+@torch.inference_mode()
+def _beam_search(
+    model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int, top_k: int
+) -> BeamOutput:
+    k_num, length = trie.code_num, trie.code_length
+    encoded = _encode_by_length(model, history_codes)
+    decoder = _IncrementalDecoder(model, encoded)
+    batch = history_codes.shape[0]
+    device = history_codes.device
+    x = _bos(model, batch)  # (B, d): one live beam per user at the first step
+    states = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, w) prefix ids
+    scores = torch.zeros(batch, 1, device=device)  # (B, w)
+    codes = torch.empty(batch, 1, 0, dtype=torch.long, device=device)  # (B, w, l)
+    for level in range(length):
+        width = states.shape[1]
+        logp = torch.log_softmax(model.level_logits(decoder.step(x), level).float(), dim=-1)  # (B*w, K)
+        nxt = trie.next_states(level, states.view(-1))  # (B*w, K)
+        logp = logp.masked_fill(nxt < 0, -math.inf)
+        cand = (scores.unsqueeze(-1) + logp.view(batch, width, k_num)).view(batch, width * k_num)
+        scores, idx = cand.topk(min(num_beams, width * k_num), dim=1)  # (B, w') sorted
+        src, token = idx // k_num, idx % k_num  # (B, w')
+        states = nxt.view(batch, width * k_num).gather(1, idx).long()  # (B, w') child ids / item ids
+        codes = torch.cat([codes.gather(1, src.unsqueeze(-1).expand(-1, -1, level)), token.unsqueeze(-1)], -1)
+        if level < length - 1:
+            decoder.reorder((torch.arange(batch, device=device).unsqueeze(1) * width + src).view(-1))
+            x = model.token_embeddings[level](token.view(-1))  # (B*w', d)
+    back = torch.empty_like(encoded.order)
+    back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
+    scores = scores[back, :top_k]  # (B, k)
+    alive = torch.isfinite(scores)
+    return BeamOutput(
+        items=torch.where(alive, states[back, :top_k], 0),
+        codes=codes[back, :top_k].masked_fill(~alive.unsqueeze(-1), -1),
+        scores=scores,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-@torch.inference_mode()
 def sample(
     model: GenerativeRecommender,
     trie: ItemTrie,
@@ -413,32 +416,44 @@ def sample(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_compatible(model, trie)
     with _eval_mode(model):
-        encoded = _encode_by_length(model, history_codes)
-        decoder = _IncrementalDecoder(model, encoded)
-        batch, device = history_codes.shape[0], history_codes.device
-        x = _bos(model, batch)  # (B, d)
-        states = torch.zeros(batch, dtype=torch.long, device=device)  # (R,) R = B, then B*G
-        log_probs = torch.zeros(batch * num_samples, device=device)
-        tokens = []
-        for level in range(trie.code_length):
-            logits = model.level_logits(decoder.step(x), level).float() / temperature  # (R, K)
-            nxt = trie.next_states(level, states)  # (R, K)
-            logp = torch.log_softmax(logits.masked_fill(nxt < 0, -math.inf), dim=-1)  # (R, K)
-            if level == 0:  # one row per user so far: expand logits, children and cache to G rows per user
-                rows = torch.arange(batch, device=device).repeat_interleave(num_samples)  # (B*G,)
-                logp, nxt = logp[rows], nxt[rows]
-                decoder.reorder(rows)
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B*G,)
-            log_probs += logp.gather(1, token.unsqueeze(1)).squeeze(1)
-            states = nxt.gather(1, token.unsqueeze(1)).squeeze(1).long()  # prefix ids, item ids at the end
-            tokens.append(token)
-            x = model.token_embeddings[level](token)  # (B*G, d)
-        back = torch.empty_like(encoded.order)
-        back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
-        codes = torch.stack(tokens, dim=-1).view(batch, num_samples, trie.code_length)[back]
-        return SampleOutput(
-            items=states.view(batch, num_samples)[back], codes=codes, log_probs=log_probs.view(batch, num_samples)[back]
-        )
+        return _outside_inference_mode(_sample(model, trie, history_codes, num_samples, temperature, generator))
+
+
+@torch.inference_mode()
+def _sample(
+    model: GenerativeRecommender,
+    trie: ItemTrie,
+    history_codes: Tensor,
+    num_samples: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> SampleOutput:
+    encoded = _encode_by_length(model, history_codes)
+    decoder = _IncrementalDecoder(model, encoded)
+    batch, device = history_codes.shape[0], history_codes.device
+    x = _bos(model, batch)  # (B, d)
+    states = torch.zeros(batch, dtype=torch.long, device=device)  # (R,) R = B, then B*G
+    log_probs = torch.zeros(batch * num_samples, device=device)
+    tokens = []
+    for level in range(trie.code_length):
+        logits = model.level_logits(decoder.step(x), level).float() / temperature  # (R, K)
+        nxt = trie.next_states(level, states)  # (R, K)
+        logp = torch.log_softmax(logits.masked_fill(nxt < 0, -math.inf), dim=-1)  # (R, K)
+        if level == 0:  # one row per user so far: expand logits, children and cache to G rows per user
+            rows = torch.arange(batch, device=device).repeat_interleave(num_samples)  # (B*G,)
+            logp, nxt = logp[rows], nxt[rows]
+            decoder.reorder(rows)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B*G,)
+        log_probs += logp.gather(1, token.unsqueeze(1)).squeeze(1)
+        states = nxt.gather(1, token.unsqueeze(1)).squeeze(1).long()  # prefix ids, item ids at the end
+        tokens.append(token)
+        x = model.token_embeddings[level](token)  # (B*G, d)
+    back = torch.empty_like(encoded.order)
+    back[encoded.order] = torch.arange(batch, device=device)  # input row -> sorted row
+    codes = torch.stack(tokens, dim=-1).view(batch, num_samples, trie.code_length)[back]
+    return SampleOutput(
+        items=states.view(batch, num_samples)[back], codes=codes, log_probs=log_probs.view(batch, num_samples)[back]
+    )
 
 
 def sequence_log_probs(
@@ -490,7 +505,8 @@ class _LevelT5(T5ForConditionalGeneration):
     only the level-p block (others -inf), so the log-softmax that ``generate`` applies equals the model's per-level
     log-softmax over K tokens."""
 
-    def forward(self, *args, **kwargs):  # noqa: D102 - same arguments as T5ForConditionalGeneration.forward
+    def forward(self, *args, **kwargs):
+        """``T5ForConditionalGeneration.forward`` plus the level mask of each output position."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         out = super().forward(*args, **kwargs)
@@ -542,14 +558,11 @@ class HFConstrainedGenerator:
         self.trie = trie
         self.k_num, self.length = k_num, length
         self.offsets = 1 + torch.arange(length, device=trie.device) * k_num  # (C,) flat id of code 0 per level
-        self.allowed: dict[tuple[int, ...], list[int]] = {}
-        flat_codes = (trie.item_codes + self.offsets).tolist()  # (N, C) flat ids
-        for row in flat_codes:
+        allowed: dict[tuple[int, ...], set[int]] = {}
+        for row in (trie.item_codes + self.offsets).tolist():  # (N, C) flat ids
             for level in range(length):
-                key = (0, *row[:level])
-                options = self.allowed.setdefault(key, [])
-                if row[level] not in options:
-                    options.append(row[level])
+                allowed.setdefault((0, *row[:level]), set()).add(row[level])
+        self.allowed = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}  # decoder ids -> next ids
 
     def _prefix_allowed_tokens(self, batch_id: int, sent: Tensor) -> list[int]:
         key = tuple(sent.tolist())
@@ -566,19 +579,25 @@ class HFConstrainedGenerator:
         history_codes = trim_history(history_codes)
         levels = torch.arange(history_codes.shape[1], device=history_codes.device) % self.length
         input_ids = torch.where(history_codes >= 0, history_codes + self.offsets[levels], 0)  # (B, S) flat ids
+        beam = {"length_penalty": 0.0, "early_stopping": False} if num_beams > 1 else {"output_logits": True}
         generation = GenerationConfig(
             num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=self.length, do_sample=False,
-            length_penalty=0.0, early_stopping=False, eos_token_id=None, pad_token_id=0, decoder_start_token_id=0,
-            bos_token_id=None, return_dict_in_generate=True, output_scores=True, use_cache=True,
+            eos_token_id=None, pad_token_id=0, decoder_start_token_id=0, bos_token_id=None,
+            return_dict_in_generate=True, output_scores=True, use_cache=True, **beam,
         )
         out = self.model.generate(
             input_ids=input_ids, attention_mask=history_codes >= 0, generation_config=generation,
             prefix_allowed_tokens_fn=self._prefix_allowed_tokens,
         )
         batch = history_codes.shape[0]
-        codes = (out.sequences[:, 1 : 1 + self.length] - self.offsets).view(batch, top_k, self.length)
+        tokens = out.sequences[:, 1 : 1 + self.length]  # (B*k, C) flat ids
+        codes = (tokens - self.offsets).view(batch, top_k, self.length)
         items = self.trie.lookup(codes)  # (B, k), 0 for a dead beam's tuple
-        scores = out.sequences_scores.view(batch, top_k).float()
+        if num_beams > 1:
+            scores = out.sequences_scores.view(batch, top_k).float()
+        else:  # greedy search keeps no sequence score: sum the level log-softmax of the chosen tokens
+            logp = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)  # (B, C, V)
+            scores = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1).view(batch, top_k)
         alive = (items > 0) & (scores > -1e8)
         return BeamOutput(
             items=torch.where(alive, items, 0), codes=codes.masked_fill(~alive.unsqueeze(-1), -1),
