@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -264,7 +265,7 @@ class Config:
         return self.path(self.data.data_path) / self.data.dataset
 
     # -------------------------------------------------------------- checks
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check cross-field rules; raise ConfigError saying which key to change."""
         t, m, tr, g, d = self.tokenizer, self.model, self.train, self.grpo, self.data
         if m.code_length != len(t.num_emb_list) + 1:
@@ -468,6 +469,29 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+def typed_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``{key or section.key: raw value}`` -> ``{leaf: checked value}``; errors name the key and ``source``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        _, f = _resolve_key(key, source)
+        out[f.name] = _coerce(value, f.type, key, source)
+    return out
+
+
+def read_yaml_values(path: str | Path) -> dict[str, Any]:
+    """The ``{leaf: checked value}`` pairs of one YAML config file (flat or nested by section)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pick one of {sorted(_config_names())}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must be a mapping of keys to values")
+    return typed_values(_flatten_yaml(raw, str(p)), str(p))
+
+
 def load_config(
     path: str | Path | None = None,
     argv: Sequence[str] = (),
@@ -476,23 +500,11 @@ def load_config(
 ) -> Config:
     """Build a Config from defaults, an optional YAML file and command-line overrides (in that order)."""
     cfg = Config()
-    sources: list[tuple[dict[str, Any], str]] = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pick one of {sorted(_config_names())}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must be a mapping of keys to values")
-        sources.append((_flatten_yaml(raw, str(p)), str(p)))
-    sources.append((parse_overrides(argv, aliases), "command line"))
-    for values, source in sources:
-        for key, value in values.items():
-            sec, f = _resolve_key(key, source)
-            setattr(getattr(cfg, sec), f.name, _coerce(value, f.type, key, source))
+    layers = [read_yaml_values(path)] if path is not None else []
+    layers.append(typed_values(parse_overrides(argv, aliases), "command line"))
+    for values in layers:
+        for leaf, value in values.items():
+            setattr(getattr(cfg, LEAVES[leaf][0]), leaf, value)
     return cfg.validate() if validate else cfg
 
 

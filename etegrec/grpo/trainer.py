@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -122,15 +121,6 @@ def _resolve_path(value: str) -> Path:
     return config_mod.REPO_ROOT / p
 
 
-def _leaf_values(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """``{key or section.key: value}`` -> ``{leaf: typed value}``."""
-    out = {}
-    for key, value in values.items():
-        _, f = config_mod._resolve_key(key, source)
-        out[f.name] = config_mod._coerce(value, f.type, key, source)
-    return out
-
-
 def checkpoint_config(path: Path) -> dict[str, Any]:
     """The flat config stored in a joint-training (or GRPO) checkpoint."""
     return dict(read_joint(path)["config"])
@@ -143,16 +133,8 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
     the checkpoint's; a config file may hold other stages' keys (ignored) but not a different architecture.
     """
     path, rest = config_mod.add_config_argument(argv, None)
-    cli = _leaf_values(config_mod.parse_overrides(rest), "command line")
-    from_file: dict[str, Any] = {}
-    if path is not None:
-        file_path = _resolve_path(path)
-        if not file_path.is_file():
-            raise ConfigError(f"config file {file_path} does not exist")
-        raw = yaml.safe_load(file_path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {file_path} must be a mapping of keys to values")
-        from_file = _leaf_values(config_mod._flatten_yaml(raw, str(file_path)), str(file_path))
+    cli = config_mod.typed_values(config_mod.parse_overrides(rest), "command line")
+    from_file = config_mod.read_yaml_values(_resolve_path(path)) if path is not None else {}
     sft = cli.get("sft_ckpt") or from_file.get("sft_ckpt")
     if not sft:
         raise ConfigError(
