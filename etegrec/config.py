@@ -193,6 +193,14 @@ class TrainConfig:
     bucket_window: int = _f(
         50, "training batches per length-sorted window (histories of similar length share a batch; 1 = no bucketing)"
     )
+    max_batch_tokens: int = _f(
+        0,
+        "cap on padded history tokens (sequences x longest history x code_length) per training batch; long-history "
+        "batches get fewer sequences, bounding memory (0 = batch_size only)",
+    )
+    bf16: bool = _f(
+        False, "run the recommender's training forward under bfloat16 autocast (GPU, or CPU with avx512_bf16/AMX)"
+    )
     num_workers: int = _f(0, "DataLoader worker processes")
     log_dir: str = _f("logs", "log root (relative to the repository root)")
     ckpt_dir: str = _f("myckpt", "checkpoint root (relative to the repository root)")

@@ -60,6 +60,16 @@ def test_bucket_sampler_shards_deterministically_and_groups_lengths() -> None:
     assert padded < 0.7 * unsorted
 
 
+def test_bucket_sampler_token_budget_shrinks_long_batches_only() -> None:
+    lengths = torch.tensor([1] * 60 + [50] * 10)
+    sampler = BucketBatchSampler(lengths, 20, seed=0, window=100, max_tokens=400, tokens_per_item=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(70))
+    for b in batches:  # 20 one-item histories = 80 tokens fit; a 50-item history alone is 200 tokens: 2 per batch
+        assert len(b) == (20 if int(lengths[b].max()) == 1 else 2)
+
+
 def test_bucket_sampler_pads_to_equal_steps_per_process() -> None:
     shards = [list(BucketBatchSampler(torch.ones(5, dtype=torch.long), 2, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 2  # 3 batches -> 4, the first repeated

@@ -27,8 +27,15 @@ every GRPO checkpoint, which has the joint format, so ``load_joint`` and evaluat
 the SFT model is evaluated before training and is the fallback; ``gradient_accumulation_steps``,
 ``grpo_max_grad_norm`` and ``grpo_reward_type`` are honoured; the alignment adapters (unused by GRPO) are frozen
 so weight decay does not touch them; hit rate is ``mean(sampled == target)``, not ``reward >= 1``; every
-process checks after each epoch that all replicas hold the same weights. Not provided: ``--resume`` (``last.pt``
-holds the optimiser state, but a GRPO run restarts from a checkpoint with ``--sft_ckpt``).
+process checks after each epoch that all replicas hold the same weights.
+
+Checkpoints and resuming (the guarantees of joint training): ``best.pt`` is the kept model; ``last.pt`` is written
+after the SFT evaluation and after every epoch, with optimiser, scheduler and trainer state (``GRPOState``, plus the
+kept model's weights under ``trainer["best_model"]``, since ``best.pt`` may already hold a later epoch when a run
+stops between the two writes). ``--resume=<run>_grpo/last.pt`` continues that run in its own folder with its own
+config (other values given are ignored, with a warning): the reference comes from the SFT checkpoint (checked by
+its SHA-256 against the one the run started from) and rollouts and data order are re-seeded every epoch from
+(seed, epoch, rank), so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -131,17 +140,25 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
 
     Only GRPO and run-time keys (``MUTABLE_KEYS``) may change. A command-line value for any other key must equal
     the checkpoint's; a config file may hold other stages' keys (ignored) but not a different architecture.
+    With ``--resume=<run>_grpo/last.pt`` the config is that run's own (see ``resumed_config``).
     """
     path, rest = config_mod.add_config_argument(argv, None)
     cli = config_mod.typed_values(config_mod.parse_overrides(rest), "command line")
     from_file = config_mod.read_yaml_values(_resolve_path(path)) if path is not None else {}
+    resume = cli.get("resume") or from_file.get("resume")
+    if resume:
+        resume_path = _resolve_path(resume)
+        given = {k: v for k, v in from_file.items() if k in MUTABLE_KEYS | ARCHITECTURE_KEYS} | cli
+        return resumed_config(resume_path, read_resume_checkpoint(resume_path), given)
     sft = cli.get("sft_ckpt") or from_file.get("sft_ckpt")
     if not sft:
         raise ConfigError(
-            "GRPO needs a joint-training checkpoint: add --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output)"
+            "GRPO needs a joint-training checkpoint: add --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output), "
+            "or continue an interrupted GRPO run with --resume=myckpt/<dataset>/<run>_grpo/last.pt"
         )
     sft_path = _resolve_path(sft)
     cfg = config_from_dict(checkpoint_config(sft_path))
+    cfg.train.resume = ""  # the SFT run's own resume point (if it was resumed); this run starts fresh
     base = cfg.to_dict()
     for source, values in ((str(path), from_file), ("command line", cli)):
         for leaf, value in values.items():
@@ -155,6 +172,48 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
                     "model with it (step 4). GRPO may change: " + ", ".join(sorted(MUTABLE_KEYS))
                 )
     cfg.grpo.sft_ckpt = str(sft_path)
+    return cfg.validate()
+
+
+def read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """The raw ``last.pt`` of a GRPO run, checked to hold everything a resumed run needs."""
+    obj = read_joint(path)
+    trainer = obj.get("trainer") or {}
+    if obj.get("phase") != "grpo" or "grpo" not in obj.get("optimizers", {}) or "best_model" not in trainer:
+        raise ArtifactError(
+            f"{path} is not the last.pt of a GRPO run (phase {obj.get('phase')!r}, no GRPO optimiser or trainer "
+            "state). Resume with --resume=myckpt/<dataset>/<run>_grpo/last.pt, or start GRPO from a joint-training "
+            "checkpoint with --sft_ckpt=myckpt/<dataset>/<run>/best.pt"
+        )
+    return obj
+
+
+def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
+    """The interrupted run's own config (so that the continuation equals an uninterrupted run).
+
+    Args:
+        path: the run's ``last.pt``.
+        obj: its raw contents (``read_resume_checkpoint``).
+        given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
+    """
+    try:
+        cfg = config_from_dict(obj["config"])
+    except ConfigError as err:
+        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err})") from None
+    cfg.train.resume = str(path)
+    stored = cfg.to_dict()
+    ignored = {}
+    for leaf, value in given.items():
+        same = _resolve_path(value) == Path(stored[leaf]) if leaf == "sft_ckpt" else value == stored[leaf]
+        if leaf != "resume" and not same:
+            ignored[leaf] = value
+    if ignored:
+        logger.warning(
+            "resuming %s with its own config (%s); these values are ignored: %s",
+            path.parent.name,
+            path.parent / "config.yaml",
+            ignored,
+        )
     return cfg.validate()
 
 
@@ -388,12 +447,48 @@ def _comparison_table(columns: dict[str, dict[str, float]], names: list[str]) ->
     return "\n".join([head, *rows])
 
 
+@dataclass
+class GRPOState:
+    """Progress of a GRPO run, stored in every ``last.pt`` (enough to resume after any epoch)."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimiser updates done (TensorBoard x-axis)
+    best_epoch: int = 0  # epoch of the kept model; 0 = the SFT model
+    best_score: float = -math.inf
+    best_valid: dict[str, float] = field(default_factory=dict)
+    patience: int = 0  # evaluations without improvement
+    done: bool = False  # early stop or epoch limit reached
+    num_processes: int = 1
+    sft_sha256: str = ""  # of the SFT weights the reference model holds
+    sft_valid: dict[str, float] = field(default_factory=dict)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one epoch on one process (rollouts and any other randomness depend on nothing else)."""
+    return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
+
+
+def _weights_sha256(weights: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
-    """GRPO fine-tuning of ``cfg.grpo.sft_ckpt``; returns valid/test metrics before and after.
+    """GRPO fine-tuning of ``cfg.grpo.sft_ckpt`` (or continuation of ``cfg.train.resume``); returns valid/test metrics
+    before and after.
 
     Writes ``<ckpt_dir>/<dataset>/<TIMESTAMP>_grpo/{best.pt,last.pt,metrics.json,config.yaml,argv.txt}``;
-    ``best.pt`` is the kept model (the SFT weights unless a GRPO epoch is strictly better on validation).
+    ``best.pt`` is the kept model (the SFT weights unless a GRPO epoch is strictly better on validation). A resumed
+    run uses the stored config and writes into the folder of its ``last.pt``.
     """
+    resume_path = _resolve_path(cfg.train.resume) if cfg.train.resume else None
+    resume = read_resume_checkpoint(resume_path) if resume_path is not None else None
+    if resume is not None:
+        cfg = resumed_config(resume_path, resume, cfg.to_dict())
     g, tr = cfg.grpo, cfg.train
     if not g.sft_ckpt:
         raise ValueError("cfg.grpo.sft_ckpt is empty; pass --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output)")
@@ -404,8 +499,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
         )
     main = accelerator.is_main_process
     device = accelerator.device
-    set_seed(tr.seed + accelerator.process_index)
-    run_dir = _new_run_dir(cfg, accelerator)
+    run_dir = resume_path.parent if resume_path is not None else _new_run_dir(cfg, accelerator)
     run_name = run_dir.name
     log_root = cfg.path(tr.log_dir) / cfg.data.dataset
     setup_logging(log_root / f"{run_name}.log", is_main=main)
@@ -422,6 +516,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     # ---- model, tokenizer, codes: from the checkpoint alone
     state = load_joint(g.sft_ckpt, map_location="cpu")  # torch.load rejects "cpu:N", the device of CPU ranks
     _check_architecture(cfg, state.cfg, g.sft_ckpt)
+    sft_sha256 = _weights_sha256(state.model.state_dict())
     policy = state.model.to(device).eval()  # eval mode for the whole run: no dropout (see the module docstring)
     for adapter in (policy.enc_adapter, policy.dec_adapter):  # alignment adapters: not part of the GRPO forward
         adapter.requires_grad_(False)
@@ -475,39 +570,55 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     metric_names, key = list(tr.metrics), tr.valid_metric
 
+    # ---- progress: fresh, or that of the interrupted run
+    st = GRPOState(done=g.grpo_epochs < 1, num_processes=accelerator.num_processes, sft_sha256=sft_sha256)
+    best_weights: dict[str, Tensor] = {}
+    if resume is not None:
+        st, best_weights = _restore(resume, resume_path, policy, optimizer, scheduler, sft_sha256, accelerator)
+
     def validate(model: GenerativeRecommender, loader: Any) -> dict[str, float]:
         return evaluate(model, trie, loader, accelerator, tr.num_beams, metric_names)
 
-    def save(name: str, epoch: int, metrics: dict[str, Any], weights: dict[str, Tensor], with_optimizer: bool) -> None:
+    def save(name: str, metrics: dict[str, Any], weights: dict[str, Tensor], with_state: bool) -> None:
+        """``best.pt`` (weights only) or ``last.pt`` (also optimiser, scheduler, trainer state and best weights)."""
         if main:
             model = copy.deepcopy(policy)
             model.load_state_dict(weights)
+            resumable = {
+                "optimizers": {"grpo": optimizer.state_dict()},
+                "schedulers": {"grpo": scheduler.state_dict()},
+                "trainer": {**asdict(st), "best_model": best_weights},
+                "rng": {"scheme": "re-seeded every epoch from (seed, epoch, rank)", "seed": tr.seed},
+            }
             save_joint(
                 run_dir / name,
                 cfg=cfg,
                 model=model,
                 tokenizer=state.tokenizer,
                 item_codes=state.item_codes,
-                epoch=epoch,
+                epoch=st.epoch if with_state else st.best_epoch,
                 phase="grpo",
                 metrics=metrics,
-                optimizers={"grpo": optimizer.state_dict()} if with_optimizer else None,
-                schedulers={"grpo": scheduler.state_dict()} if with_optimizer else None,
+                **(resumable if with_state else {}),
             )
         accelerator.wait_for_everyone()
 
     # ---- the SFT model is the first candidate
-    sft_valid = validate(policy, valid_dl)
-    logger.info("SFT checkpoint, valid: %s", json.dumps(sft_valid))
-    best = {"epoch": 0, "score": sft_valid[key], "valid": sft_valid, "weights": _cpu_state(policy)}
-    save("best.pt", 0, {"valid": sft_valid, "kept": "sft"}, best["weights"], with_optimizer=False)
-    tb.scalars(0, sft_valid, prefix="valid/")
-    evaluations: list[dict[str, Any]] = [{"epoch": 0, "valid": sft_valid}]
+    if resume is None:
+        st.sft_valid = validate(policy, valid_dl)
+        logger.info("SFT checkpoint, valid: %s", json.dumps(st.sft_valid))
+        st.best_score, st.best_valid = st.sft_valid[key], st.sft_valid
+        st.evaluations.append({"epoch": 0, "valid": st.sft_valid})
+        best_weights = _cpu_state(policy)
+        save("best.pt", {"valid": st.sft_valid, "kept": "sft"}, best_weights, with_state=False)
+        save("last.pt", {"valid": st.sft_valid}, best_weights, with_state=True)
+        tb.scalars(0, st.sft_valid, prefix="valid/")
 
-    step, patience, epoch = 0, 0, 0
-    for epoch in range(1, g.grpo_epochs + 1):
+    while not st.done:
+        epoch = st.epoch + 1
+        set_seed(_epoch_seed(tr.seed, epoch, accelerator.process_index))
         train_dl.batch_sampler.set_epoch(epoch)
-        epoch_stats, step = _train_epoch(
+        epoch_stats, st.step = _train_epoch(
             policy,
             scorer,
             reference,
@@ -520,73 +631,111 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
             accum,
             item_vectors,
             tb,
-            step,
+            st.step,
             epoch,
             updates_per_epoch,
         )
+        st.epoch = epoch
         logger.info("epoch %d train: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in epoch_stats.items()))
         _check_replicas_agree(policy, accelerator)
-        if epoch % g.grpo_eval_step and epoch != g.grpo_epochs:
-            continue
-        valid = validate(policy, valid_dl)
-        evaluations.append({"epoch": epoch, "valid": valid, "train": epoch_stats})
-        tb.scalars(epoch, valid, prefix="valid/")
-        if valid[key] > best["score"]:
-            best = {"epoch": epoch, "score": valid[key], "valid": valid, "weights": _cpu_state(policy)}
-            patience = 0
-            save("best.pt", epoch, {"valid": valid, "kept": "grpo"}, best["weights"], with_optimizer=False)
-            logger.info("epoch %d valid %s=%.6f: new best, saved %s", epoch, key, valid[key], run_dir / "best.pt")
-        else:
-            patience += 1
-            logger.info(
-                "epoch %d valid %s=%.6f (best %.6f at epoch %d, %d/%d evaluations without gain)",
-                epoch,
-                key,
-                valid[key],
-                best["score"],
-                best["epoch"],
-                patience,
-                g.grpo_early_stop,
-            )
-            if patience >= g.grpo_early_stop:
-                logger.info("early stop after epoch %d", epoch)
-                break
-    save("last.pt", epoch, {"valid": evaluations[-1]["valid"]}, _cpu_state(policy), with_optimizer=True)
+        if epoch % g.grpo_eval_step == 0 or epoch == g.grpo_epochs:
+            valid = validate(policy, valid_dl)
+            st.evaluations.append({"epoch": epoch, "valid": valid, "train": epoch_stats})
+            tb.scalars(epoch, valid, prefix="valid/")
+            if valid[key] > st.best_score:
+                st.best_epoch, st.best_score, st.best_valid, st.patience = epoch, valid[key], valid, 0
+                best_weights = _cpu_state(policy)
+                save("best.pt", {"valid": valid, "kept": "grpo"}, best_weights, with_state=False)
+                logger.info("epoch %d valid %s=%.6f: new best, saved %s", epoch, key, valid[key], run_dir / "best.pt")
+            else:
+                st.patience += 1
+                logger.info(
+                    "epoch %d valid %s=%.6f (best %.6f at epoch %d, %d/%d evaluations without gain)",
+                    epoch,
+                    key,
+                    valid[key],
+                    st.best_score,
+                    st.best_epoch,
+                    st.patience,
+                    g.grpo_early_stop,
+                )
+                if st.patience >= g.grpo_early_stop:
+                    logger.info("early stop after epoch %d", epoch)
+                    st.done = True
+        st.done = st.done or epoch >= g.grpo_epochs
+        save("last.pt", {"valid": st.evaluations[-1]["valid"]}, _cpu_state(policy), with_state=True)
 
     # ---- final: SFT vs kept model, valid and test
-    kept = "sft" if best["epoch"] == 0 else "grpo"
+    kept = "sft" if st.best_epoch == 0 else "grpo"
     if kept == "sft":
         logger.info("no GRPO epoch beat the SFT model on valid %s; the kept checkpoint is the SFT model", key)
-    policy.load_state_dict(best["weights"])
+    policy.load_state_dict(best_weights)
     sft_test = validate(reference.model, test_dl)
     kept_test = sft_test if kept == "sft" else validate(policy, test_dl)
     summary = {
         "sft_ckpt": g.sft_ckpt,
         "run_dir": str(run_dir),
         "kept": kept,
-        "best_epoch": best["epoch"],
+        "best_epoch": st.best_epoch,
         "valid_metric": key,
-        "sft": {"valid": sft_valid, "test": sft_test},
-        "grpo": {"valid": best["valid"], "test": kept_test},
-        "evaluations": evaluations,
+        "sft": {"valid": st.sft_valid, "test": sft_test},
+        "grpo": {"valid": st.best_valid, "test": kept_test},
+        "evaluations": st.evaluations,
     }
-    save(
-        "best.pt",
-        best["epoch"],
-        {"valid": best["valid"], "test": kept_test, "kept": kept},
-        best["weights"],
-        with_optimizer=False,
-    )
+    save("best.pt", {"valid": st.best_valid, "test": kept_test, "kept": kept}, best_weights, with_state=False)
     if main:
         atomic_write_json(run_dir / "metrics.json", summary)
-    tb.scalars(epoch, sft_test, prefix="test_sft/")
-    tb.scalars(epoch, kept_test, prefix="test_grpo/")
-    columns = {"SFT valid": sft_valid, "GRPO valid": best["valid"], "SFT test": sft_test, "GRPO test": kept_test}
+    tb.scalars(st.epoch, sft_test, prefix="test_sft/")
+    tb.scalars(st.epoch, kept_test, prefix="test_grpo/")
+    columns = {"SFT valid": st.sft_valid, "GRPO valid": st.best_valid, "SFT test": sft_test, "GRPO test": kept_test}
     logger.info(
-        "before / after GRPO (kept: %s, epoch %d):\n%s", kept, best["epoch"], _comparison_table(columns, metric_names)
+        "before / after GRPO (kept: %s, epoch %d):\n%s", kept, st.best_epoch, _comparison_table(columns, metric_names)
     )
     tb.close()
     return summary
+
+
+def _restore(
+    obj: dict[str, Any],
+    path: Path,
+    policy: GenerativeRecommender,
+    optimizer: Any,
+    scheduler: Any,
+    sft_sha256: str,
+    accelerator: Any,
+) -> tuple[GRPOState, dict[str, Tensor]]:
+    """Load policy, optimiser, scheduler and progress of an interrupted run; returns its state and kept weights."""
+    trainer = dict(obj["trainer"])
+    best_weights = trainer.pop("best_model")
+    st = GRPOState(**trainer)
+    if st.sft_sha256 != sft_sha256:
+        raise ArtifactError(
+            f"{path}: the SFT checkpoint's weights changed since this GRPO run started (SHA-256 {sft_sha256[:12]}, "
+            f"run started from {st.sft_sha256[:12]}), so the reference model would differ. Restore the original "
+            "checkpoint, or start a new GRPO run with --sft_ckpt"
+        )
+    policy.load_state_dict(obj["model"], strict=True)
+    optimizer.load_state_dict(obj["optimizers"]["grpo"])
+    scheduler.load_state_dict(obj["schedulers"]["grpo"])
+    if st.num_processes != accelerator.num_processes:
+        logger.warning(
+            "%s was written by %d process(es), this run has %d: the histories each process sees differ, so the "
+            "continuation will not equal an uninterrupted run",
+            path,
+            st.num_processes,
+            accelerator.num_processes,
+        )
+        st.num_processes = accelerator.num_processes
+    logger.info(
+        "resumed from %s after epoch %d (step %d, best valid %.6f at epoch %d, patience %d)",
+        path,
+        st.epoch,
+        st.step,
+        st.best_score,
+        st.best_epoch,
+        st.patience,
+    )
+    return st, best_weights
 
 
 def _check_replicas_agree(model: nn.Module, accelerator: Any) -> None:

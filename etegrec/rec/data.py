@@ -14,7 +14,6 @@ collator cap with its off-by-one never triggers on 50-item histories).
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -127,8 +126,10 @@ class BucketBatchSampler:
     """Shuffled, length-bucketed batches of record indices, dealt round-robin to ``num_replicas`` processes.
 
     Each epoch: a seeded permutation, cut into windows of ``window`` batches; each window is sorted by history
-    length and cut into batches; the batch order is shuffled again. The batch list is padded by repeating its
-    first batches to a multiple of ``num_replicas`` so every process takes the same number of steps.
+    length and cut into batches of ``batch_size`` records -- fewer when ``max_tokens`` > 0 and the batch would
+    exceed ``max_tokens`` padded history tokens (records x longest history x ``tokens_per_item``), which bounds
+    the memory of long-history batches. The batch order is shuffled again, and the list is padded by repeating
+    its first batches to a multiple of ``num_replicas`` so every process takes the same number of steps.
     Everything depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
     """
 
@@ -139,6 +140,8 @@ class BucketBatchSampler:
         *,
         seed: int,
         window: int = 50,
+        max_tokens: int = 0,
+        tokens_per_item: int = 1,
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
@@ -148,33 +151,51 @@ class BucketBatchSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.window = window
+        self.max_tokens = max_tokens
+        self.tokens_per_item = tokens_per_item
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._cache: tuple[int, list[Tensor]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _cut(self, part: Tensor) -> list[Tensor]:
+        """Cut records sorted by length into batches (by count, and by token budget when set)."""
+        if self.max_tokens <= 0:
+            return list(part.split(self.batch_size))
+        batches, start = [], 0
+        for i, length in enumerate(self.lengths[part].tolist()):
+            n = i - start  # records already in the open batch; this one is the longest so far
+            if n == self.batch_size or (n > 0 and (n + 1) * length * self.tokens_per_item > self.max_tokens):
+                batches.append(part[start:i])
+                start = i
+        batches.append(part[start:])
+        return batches
+
     def _global_batches(self) -> list[Tensor]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=gen)
         chunk = self.batch_size * self.window
         batches: list[Tensor] = []
         for start in range(0, len(perm), chunk):
             part = perm[start : start + chunk]
-            part = part[torch.argsort(self.lengths[part], stable=True)]
-            batches.extend(part.split(self.batch_size))
+            batches.extend(self._cut(part[torch.argsort(self.lengths[part], stable=True)]))
         order = torch.randperm(len(batches), generator=gen).tolist()
         batches = [batches[i] for i in order]
-        short = -len(batches) % self.num_replicas
-        return batches + batches[:short]
+        batches += batches[: -len(batches) % self.num_replicas]
+        self._cache = (self.epoch, batches)
+        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._global_batches()[self.rank :: self.num_replicas]:
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+        return len(self._global_batches()) // self.num_replicas
 
 
 def train_loader(
@@ -184,13 +205,15 @@ def train_loader(
     *,
     seed: int,
     window: int = 50,
+    max_tokens: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
     """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``)."""
     sampler = BucketBatchSampler(
-        dataset.lengths, batch_size, seed=seed, window=window, num_replicas=num_replicas, rank=rank
+        dataset.lengths, batch_size, seed=seed, window=window, max_tokens=max_tokens,
+        tokens_per_item=codes.code_length, num_replicas=num_replicas, rank=rank,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
 

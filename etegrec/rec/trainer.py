@@ -152,7 +152,7 @@ class JointTrainer:
         self.train_set = SequenceDataset(splits["train"], cfg.data.max_his_len)
         self.train_loader = train_loader(
             self.train_set, self.codes, tc.batch_size, seed=tc.seed, window=tc.bucket_window,
-            num_replicas=self.world, rank=self.rank, num_workers=tc.num_workers,
+            max_tokens=tc.max_batch_tokens, num_replicas=self.world, rank=self.rank, num_workers=tc.num_workers,
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
@@ -271,10 +271,11 @@ class JointTrainer:
         parts: dict[str, Tensor] = {}
         first = first_occurrence(b.target) if (align or w.sq > 0) else None  # (M,) one row per distinct target
         enc_u = dec_u = z_e = h_d = None
-        with torch.set_grad_enabled(plan.train_recommender):
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+        with torch.set_grad_enabled(plan.train_recommender), autocast:
             if w.rec > 0:
                 out = self.model(b.history_codes, b.target_codes)
-                parts["rec"] = out.loss_rec
+                parts["rec"] = out.loss_rec.float()
                 if align:
                     enc_u = EncoderOut(out.enc.hidden[first], out.enc.mask[first])
                     dec_u = out.dec_hidden[first]
@@ -283,9 +284,9 @@ class JointTrainer:
                 if w.psa > 0:
                     dec_u = self.model.decode(enc_u, b.target_codes[first, :0]).hidden  # (M, 1, d)
             if w.sia > 0:
-                z_e = self.model.sequence_latent(enc_u)  # (M, e)
+                z_e = self.model.sequence_latent(enc_u).float()  # (M, e)
             if w.psa > 0:
-                h_d = self.model.preference_latent(dec_u)  # (M, d_s)
+                h_d = self.model.preference_latent(dec_u).float()  # (M, d_s)
         if w.sq > 0 or align:
             with torch.set_grad_enabled(plan.train_tokenizer):
                 tout = self.tokenizer(self.vectors[b.target[first]])  # one forward on the M distinct targets
