@@ -2,9 +2,19 @@
 # Step 5 of the README: GRPO fine-tuning of a joint-training (SFT) checkpoint.
 #   bash run_grpo.sh                                  # newest myckpt/$DATASET/*/best.pt
 #   DATASET=beauty SFT_CKPT=myckpt/beauty/<run>/best.pt bash run_grpo.sh --grpo_epochs=5
+#   bash run_grpo.sh --resume=myckpt/beauty/<run>_grpo/last.pt   # continue an interrupted run, its own settings
 # Extra arguments are passed on as overrides; output goes to myckpt/<DATASET>/<TIMESTAMP>_grpo/.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Resuming: the run's last.pt holds its config, so no SFT checkpoint or hyperparameters are passed
+for arg in "$@"; do
+    case "${arg}" in
+        --resume=*|--resume|--train.resume=*|--train.resume)
+            echo "Resuming GRPO: $*"
+            exec accelerate launch --config_file accelerate_config_ddp.yaml train_grpo.py "$@" ;;
+    esac
+done
 
 DATASET=${DATASET:-ml-100k}     # the dataset of `bash run.sh` (e.g. beauty, Instrument2018_5090)
 

@@ -8,6 +8,8 @@
 ``--sft_ckpt`` alone rebuilds model, tokenizer and item codes from the config stored in the checkpoint; an
 optional ``--config FILE`` and ``--key=value`` overrides may change GRPO and run-time keys only
 (``etegrec.grpo.trainer.MUTABLE_KEYS``), never the architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
+``--resume=myckpt/<DATASET>/<TIMESTAMP>_grpo/last.pt`` continues an interrupted run in its folder, with its own
+config, exactly as if it had not stopped.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${DATASET:-Instrument2018_5090}
 DEVICE=${DEVICE:-auto}                 # auto = cuda when present, else cpu
-EPOCHS=${EPOCHS:-500}                   # maximum; early stopping on the collision rate
+EPOCHS=${EPOCHS:-300}                   # maximum; early stopping on the collision rate
 COLLAB_PATH=${COLLAB_PATH:-}           # e.g. ../RecBole/dataset/${DATASET}/${DATASET}_emb_256.npy; empty = config default
 
 python main.py --config "../config/${DATASET}.yaml" \

@@ -113,14 +113,16 @@ class TokenizerConfig:
     bn: bool = _f(False, "batch norm in the MLPs")
     rq_lr: float = _f(0.001, "RQ-VAE pretraining learning rate")
     rq_weight_decay: float = _f(0.0001, "RQ-VAE pretraining weight decay")
-    rq_epochs: int = _f(500, "RQ-VAE pretraining maximum epochs (the learning rate decays linearly to 0 here)")
+    rq_epochs: int = _f(300, "RQ-VAE pretraining maximum epochs (the learning rate decays linearly to 0 here)")
     rq_batch_size: int = _f(2048, "RQ-VAE pretraining batch size")
     rq_warmup_epochs: int = _f(10, "RQ-VAE linear learning-rate warm-up epochs (then linear decay to 0 at rq_epochs)")
     rq_dead_code_reset: bool = _f(
         True, "after each pretraining epoch, move codes no item was assigned to onto random current residuals"
     )
     rq_eval_step: int = _f(10, "epochs between collision evaluations")
-    rq_patience: int = _f(10, "evaluations without a lower collision rate before stopping")
+    rq_patience: int = _f(
+        10, "evaluations without a lower collision rate (ties: lower reconstruction loss) before stopping"
+    )
     rq_seed: int = _f(2024, "RQ-VAE random seed")
     kmeans_iters: int = _f(100, "k-means iterations for codebook initialisation")
     sk_epsilons: list[float] = _f(

@@ -347,6 +347,64 @@ def test_kept_checkpoint_is_the_sft_model_when_grpo_only_hurts(sft_checkpoint):
     assert all(torch.equal(v, sft["model"][k]) for k, v in best["model"].items())
 
 
+def _flat(obj, prefix=""):
+    """Nested dicts and lists as one {"a/0/b": leaf} dict."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else None
+    if items is None:
+        return {prefix: obj}
+    return {k: v for key, value in items for k, v in _flat(value, f"{prefix}/{key}").items()}
+
+
+def test_resumed_run_equals_an_uninterrupted_one(sft_checkpoint, monkeypatch):
+    from etegrec.artifacts import ArtifactError
+    from etegrec.grpo import trainer
+    from etegrec.rec.checkpoint import read_joint
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    args = ("--grpo_lr=0.003", "--tensorboard=false")
+    straight = trainer.run(_grpo_cfg(path, *args), make_accelerator())
+
+    class Interrupted(Exception):
+        pass
+
+    real_epoch, calls = trainer._train_epoch, []
+
+    def stop_in_second_epoch(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return real_epoch(*a)
+
+    runs = path.parent.parent
+    before = set(runs.iterdir())
+    monkeypatch.setattr(trainer, "_train_epoch", stop_in_second_epoch)
+    with pytest.raises(Interrupted):
+        trainer.run(_grpo_cfg(path, *args), make_accelerator())
+    monkeypatch.undo()
+    (run_dir,) = set(runs.iterdir()) - before
+    last = read_joint(run_dir / "last.pt")
+    assert (last["epoch"], last["trainer"]["epoch"], last["trainer"]["done"]) == (1, 1, False)
+
+    # the run's own config wins over values given with --resume; a best.pt cannot be resumed
+    cfg = trainer.load_grpo_config([f"--resume={run_dir / 'last.pt'}", "--grpo_lr=0.5", "--sft_ckpt=elsewhere.pt"])
+    assert (cfg.grpo.grpo_lr, cfg.grpo.sft_ckpt) == (0.003, str(path))
+    with pytest.raises(ArtifactError, match="not the last.pt of a GRPO run"):
+        trainer.load_grpo_config([f"--resume={run_dir / 'best.pt'}"])
+    resumed = trainer.run(cfg, make_accelerator())
+
+    assert resumed.pop("run_dir") == str(run_dir) and (run_dir / "metrics.json").is_file()
+    straight_dir = Path(straight.pop("run_dir"))
+    assert _flat(resumed) == pytest.approx(_flat(straight), rel=1e-6, abs=1e-9)  # metrics, kept epoch, train stats
+    for name in ("last.pt", "best.pt"):
+        a, b = read_joint(run_dir / name), read_joint(straight_dir / name)
+        assert a["epoch"] == b["epoch"] and _flat(a["metrics"]) == pytest.approx(_flat(b["metrics"]), rel=1e-6)
+        assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6, rtol=0) for k in b["model"])
+    a, b = (read_joint(d / "last.pt")["trainer"] for d in (run_dir, straight_dir))
+    assert a["epoch"] == 2 and a["done"]
+    assert _flat({**a, "best_model": None}) == pytest.approx(_flat({**b, "best_model": None}), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run(sft_checkpoint):
     """The user's launcher (2 processes, gloo on CPU): replicas stay equal (checked every epoch by the trainer)."""

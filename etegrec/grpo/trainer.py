@@ -202,7 +202,7 @@ def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Co
         raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err})") from None
     cfg.train.resume = str(path)
     stored = cfg.to_dict()
-    ignored = {}
+    ignored: dict[str, Any] = {}
     for leaf, value in given.items():
         same = _resolve_path(value) == Path(stored[leaf]) if leaf == "sft_ckpt" else value == stored[leaf]
         if leaf != "resume" and not same:
@@ -478,8 +478,7 @@ def _weights_sha256(weights: dict[str, Tensor]) -> str:
 
 
 def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
-    """GRPO fine-tuning of ``cfg.grpo.sft_ckpt`` (or continuation of ``cfg.train.resume``); returns valid/test metrics
-    before and after.
+    """GRPO fine-tuning of ``cfg.grpo.sft_ckpt`` or continuation of ``cfg.train.resume``; returns metrics before/after.
 
     Writes ``<ckpt_dir>/<dataset>/<TIMESTAMP>_grpo/{best.pt,last.pt,metrics.json,config.yaml,argv.txt}``;
     ``best.pt`` is the kept model (the SFT weights unless a GRPO epoch is strictly better on validation). A resumed
