@@ -200,6 +200,9 @@ class TrainConfig:
         "cap on padded history tokens (sequences x longest history x code_length) per training batch; long-history "
         "batches get fewer sequences, bounding memory (0 = batch_size only)",
     )
+    epoch_records: int = _f(
+        0, "training records per epoch: a fresh seeded random subset every epoch (0 = all records)"
+    )
     bf16: bool = _f(
         False, "run the recommender's training forward under bfloat16 autocast (GPU, or CPU with avx512_bf16/AMX)"
     )

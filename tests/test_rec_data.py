@@ -15,8 +15,11 @@ CODES = torch.tensor([[0, 1, 0], [2, 3, 0], [2, 3, 1], [1, 0, 0]])  # items 1..4
 
 
 def split(histories: list[list[int]], targets: list[int]) -> SplitData:
-    return SplitData(history=[np.asarray(h, dtype=np.int64) for h in histories],
-                     target=np.asarray(targets, dtype=np.int64), users=[str(i) for i in range(len(targets))])
+    return SplitData(
+        history=[np.asarray(h, dtype=np.int64) for h in histories],
+        target=np.asarray(targets, dtype=np.int64),
+        users=[str(i) for i in range(len(targets))],
+    )
 
 
 def test_dataset_keeps_the_last_items_and_pads_to_the_batch_maximum() -> None:
@@ -71,9 +74,11 @@ def test_bucket_sampler_token_budget_shrinks_long_batches_only() -> None:
 
 
 def test_bucket_sampler_pads_to_equal_steps_per_process() -> None:
-    shards = [list(BucketBatchSampler(torch.ones(5, dtype=torch.long), 2, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    shards = [
+        list(BucketBatchSampler(torch.ones(5, dtype=torch.long), 2, seed=0, num_replicas=2, rank=r)) for r in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) == 2  # 3 batches -> 4, the first repeated
-    assert set(i for shard in shards for b in shard for i in b) == set(range(5))
+    assert {i for shard in shards for b in shard for i in b} == set(range(5))
 
 
 def test_eval_loader_visits_every_record_once_in_length_order() -> None:
@@ -86,8 +91,9 @@ def test_eval_loader_visits_every_record_once_in_length_order() -> None:
 @pytest.fixture()
 def model() -> GenerativeRecommender:
     torch.manual_seed(0)
-    cfg = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=4,
-                      code_length=3)
+    cfg = ModelConfig(
+        encoder_layers=2, decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=4, code_length=3
+    )
     return GenerativeRecommender(cfg=cfg, semantic_dim=12, latent_dim=6).eval()
 
 

@@ -17,11 +17,13 @@ from etegrec.rec.schedule import (
     training_epochs,
 )
 
-W = ConfigWeights(id_vq_loss=1.0, id_kl_loss=0.1, id_dec_cl_loss=0.3, rec_code_loss=2.0, rec_kl_loss=0.01, rec_dec_cl_loss=0.03)
+W = ConfigWeights(
+    id_vq_loss=1.0, id_kl_loss=0.1, id_dec_cl_loss=0.3, rec_code_loss=2.0, rec_kl_loss=0.01, rec_dec_cl_loss=0.03
+)
 
 
 def plans(n: int, **kw):
-    args = dict(cycle=2, warm_epoch=0, ablation="none", converged=False, weights=W)
+    args = {"cycle": 2, "warm_epoch": 0, "ablation": "none", "converged": False, "weights": W}
     args.update(kw)
     return [plan_epoch(e, **args) for e in range(n)]
 
@@ -68,7 +70,12 @@ def test_no_alt_trains_everything_jointly_every_epoch() -> None:
 def test_no_ete_is_tiger_style() -> None:
     for p in plans(4, ablation="no_ete"):
         assert p == plan_epoch(0, cycle=2, warm_epoch=0, ablation="no_ete", converged=False, weights=W)
-        assert (p.phase, p.train_tokenizer, p.refresh_codes, p.weights) == ("recommender", False, False, LossWeights(rec=2.0))
+        assert (p.phase, p.train_tokenizer, p.refresh_codes, p.weights) == (
+            "recommender",
+            False,
+            False,
+            LossWeights(rec=2.0),
+        )
 
 
 @pytest.mark.parametrize("ablation", ["none", "no_alt", "no_ete"])
@@ -91,15 +98,16 @@ def test_training_epochs_count_each_optimizers_epochs() -> None:
 
 
 def test_lr_lambda_by_hand() -> None:
-    kw = dict(warmup_steps=2, total_steps=6)
+    kw = {"warmup_steps": 2, "total_steps": 6}
     # warm-up: 0/2, 1/2; then cosine over 4 steps: step 4 is half-way -> 0.5 (1 + cos(pi/2)) = 0.5.
     assert [lr_lambda(s, kind="cosine", **kw) for s in (0, 1, 2, 4, 6, 9)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0])
     assert lr_lambda(3, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert [lr_lambda(s, kind="linear", **kw) for s in (1, 4, 6)] == pytest.approx([0.5, 0.5, 0.0])
     assert [lr_lambda(s, kind="constant", **kw) for s in (1, 4, 60)] == pytest.approx([0.5, 1.0, 1.0])
     with pytest.raises(ValueError, match="cosine"):
-        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), kind="step", warmup_steps=0,
-                        total_steps=1)
+        build_scheduler(
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), kind="step", warmup_steps=0, total_steps=1
+        )
 
 
 def test_scheduler_state_survives_a_weights_only_round_trip() -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_data import make_tiny_dataset
 
 from etegrec.artifacts import ArtifactError
 from etegrec.config import dump_yaml
 from etegrec.rec import trainer
 from etegrec.rec.checkpoint import build_recommender, load_joint
 from etegrec.runtime import make_accelerator, set_seed
-from tiny_data import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,8 +46,12 @@ def test_two_epoch_smoke_run_of_every_ablation(tmp_path, accelerator, ablation) 
 
     init = _initial_recommender(cfg, state.tokenizer.model_args()).state_dict()
     # The adapters exist only for SIA (enc_adapter -> z_E) and PSA (dec_adapter -> h_D).
-    unused = {"no_sia": ("enc_adapter",), "no_psa": ("dec_adapter",), "no_align": ("enc_adapter", "dec_adapter"),
-              "no_ete": ("enc_adapter", "dec_adapter")}.get(ablation, ())
+    unused = {
+        "no_sia": ("enc_adapter",),
+        "no_psa": ("dec_adapter",),
+        "no_align": ("enc_adapter", "dec_adapter"),
+        "no_ete": ("enc_adapter", "dec_adapter"),
+    }.get(ablation, ())
     for name, value in state.model.state_dict().items():
         if name.startswith(unused):
             assert torch.equal(value, init[name]), f"{name} has no loss term but changed"
@@ -130,9 +134,9 @@ def test_non_finite_loss_names_step_and_part(tmp_path, accelerator, monkeypatch)
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(code_num=16, num_emb_list=[16, 16, 16]), "num_emb_list"),  # codebooks of the checkpoint differ
-        (dict(tokenizer_input="collab"), "in_dim"),  # 16-d input for a tokenizer trained on 24-d
-        (dict(layers=[32]), "layers"),
+        ({"code_num": 16, "num_emb_list": [16, 16, 16]}, "num_emb_list"),  # codebooks of the checkpoint differ
+        ({"tokenizer_input": "collab"}, "in_dim"),  # 16-d input for a tokenizer trained on 24-d
+        ({"layers": [32]}, "layers"),
     ],
 )
 def test_inconsistent_config_fails_at_start_up(tmp_path, accelerator, overrides, message) -> None:
@@ -155,9 +159,24 @@ def test_two_process_cpu_run(tmp_path) -> None:
     start = time.time()
     # The user's launcher file (MULTI_GPU, 2 processes); on a CPU-only machine the processes form a gloo group.
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config_ddp.yaml"),
-         "--main_process_port", str(port), str(REPO / "main.py"), "--config", str(config)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_config_ddp.yaml"),
+            "--main_process_port",
+            str(port),
+            str(REPO / "main.py"),
+            "--config",
+            str(config),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "test recall@1=" in proc.stdout

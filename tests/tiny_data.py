@@ -68,16 +68,45 @@ def make_tiny_dataset(
     np.save(data_dir / f"{NAME}_sentence-transformer_text_8.npy", text)
 
     cfg = Config()
-    values: dict[str, object] = dict(
-        dataset=NAME, data_path=str(root / "data"), max_his_len=8,
-        sasrec_hidden_size=16, tokenizer_input="dual", normalize=True,
-        num_emb_list=[8, 8, 8], layers=[16], e_dim=8, code_num=8, code_length=4,
-        encoder_layers=1, decoder_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, dropout_rate=0.1,
-        seed=1, epochs=2, batch_size=16, eval_batch_size=8, lr_rec=0.01, lr_id=0.001, warmup_steps=2,
-        cycle=2, eval_step=2, early_stop=3, warm_epoch=0, finetune_epochs=1, finetune_early_stop=2,
-        num_beams=10, log_dir=str(root / "logs"), ckpt_dir=str(root / "ckpt"), tensorboard=False,
-        rqvae_path=str(root / "rqvae" / f"{NAME}.pth"), bucket_window=4,
-    )
+    values: dict[str, object] = {
+        "dataset": NAME,
+        "data_path": str(root / "data"),
+        "max_his_len": 8,
+        "sasrec_hidden_size": 16,
+        "tokenizer_input": "dual",
+        "normalize": True,
+        "num_emb_list": [8, 8, 8],
+        "layers": [16],
+        "e_dim": 8,
+        "code_num": 8,
+        "code_length": 4,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "d_model": 16,
+        "d_ff": 32,
+        "num_heads": 2,
+        "d_kv": 8,
+        "dropout_rate": 0.1,
+        "seed": 1,
+        "epochs": 2,
+        "batch_size": 16,
+        "eval_batch_size": 8,
+        "lr_rec": 0.01,
+        "lr_id": 0.001,
+        "warmup_steps": 2,
+        "cycle": 2,
+        "eval_step": 2,
+        "early_stop": 3,
+        "warm_epoch": 0,
+        "finetune_epochs": 1,
+        "finetune_early_stop": 2,
+        "num_beams": 10,
+        "log_dir": str(root / "logs"),
+        "ckpt_dir": str(root / "ckpt"),
+        "tensorboard": False,
+        "rqvae_path": str(root / "rqvae" / f"{NAME}.pth"),
+        "bucket_window": 4,
+    }
     values.update(overrides)
     for key, value in values.items():
         section = next(s for s in ("data", "sasrec", "tokenizer", "model", "train") if hasattr(getattr(cfg, s), key))
@@ -93,7 +122,11 @@ def make_tiny_dataset(
     model.rq.init_kmeans(model.encode(vectors), iters=10, seed=seed)
     codes = add_suffix(model.get_codes(vectors), cfg.model.code_num)  # (N, 4)
     save_rqvae(
-        Path(t.rqvae_path), model, codes, {"collision_rate": 0.0}, cfg,
+        Path(t.rqvae_path),
+        model,
+        codes,
+        {"collision_rate": 0.0},
+        cfg,
         extra={"input": {"tokenizer_input": "dual", "n_items": n_items}},
     )
     return cfg

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> None:
     s.add_argument("--beams", nargs="+", type=int, default=[1, 10, 20, 50])
     s.add_argument("--train_steps", type=int, default=10, help="timed optimiser steps per phase")
     s.add_argument("--eval_users", type=int, default=512, help="users decoded per beam width")
+    s.add_argument("--hf_users", type=int, default=64, help="users decoded by transformers' generate")
     s.add_argument("--batch_size", type=int, default=512)
     s.add_argument("--out", default="bench_results")
     args, overrides = parser.parse_known_args(argv)

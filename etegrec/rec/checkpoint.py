@@ -16,6 +16,7 @@ strict loading, and finetune checkpoints never overwrite the alternating phase's
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -94,7 +95,7 @@ def read_joint(path: Path | str, map_location: str | torch.device = "cpu") -> di
         raise ArtifactError(f"joint checkpoint {path} does not exist; it is made by {STEP_JOINT}.")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip / unpickling errors of a damaged or foreign file
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:  # damaged / foreign file
         raise ArtifactError(f"{path} is not a readable joint checkpoint ({type(err).__name__}: {err}).") from None
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise ArtifactError(

@@ -14,7 +14,8 @@ collator cap with its off-by-one never triggers on 50-item histories).
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class Batch(NamedTuple):
     target_codes: Tensor  # (B, C) long
     target: Tensor  # (B,) long target item ids (1..N)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device``."""
         return Batch(*(t.to(device, non_blocking=True) for t in self))
 
@@ -87,7 +88,7 @@ class SequenceDataset(Dataset):
         self.lengths = torch.from_numpy(lengths)  # (n,)
         self.target = torch.from_numpy(np.asarray(split.target, dtype=np.int64))  # (n,)
 
-    def sorted_by_length(self) -> "SequenceDataset":
+    def sorted_by_length(self) -> SequenceDataset:
         """The same records ordered by history length (stable), sharing no storage with this one."""
         order = torch.argsort(self.lengths, stable=True)
         out = SequenceDataset.__new__(SequenceDataset)
@@ -125,11 +126,12 @@ class CodeCollator:
 class BucketBatchSampler:
     """Shuffled, length-bucketed batches of record indices, dealt round-robin to ``num_replicas`` processes.
 
-    Each epoch: a seeded permutation, cut into windows of ``window`` batches; each window is sorted by history
-    length and cut into batches of ``batch_size`` records -- fewer when ``max_tokens`` > 0 and the batch would
-    exceed ``max_tokens`` padded history tokens (records x longest history x ``tokens_per_item``), which bounds
-    the memory of long-history batches. The batch order is shuffled again, and the list is padded by repeating
-    its first batches to a multiple of ``num_replicas`` so every process takes the same number of steps.
+    Each epoch: a seeded permutation (its first ``epoch_records`` records when that is > 0), cut into windows of
+    ``window`` batches; each window is sorted by history length and cut into batches of ``batch_size`` records
+    -- fewer when ``max_tokens`` > 0 and the batch would exceed ``max_tokens`` padded history tokens (records x
+    longest history x ``tokens_per_item``), which bounds the memory of long-history batches. The batch order is
+    shuffled again, and the list is padded by repeating its first batches to a multiple of ``num_replicas`` so
+    every process takes the same number of steps.
     Everything depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
     """
 
@@ -142,17 +144,21 @@ class BucketBatchSampler:
         window: int = 50,
         max_tokens: int = 0,
         tokens_per_item: int = 1,
+        epoch_records: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
         if batch_size < 1 or window < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"bad sampler arguments batch_size={batch_size} window={window} rank={rank}/{num_replicas}")
+            raise ValueError(
+                f"bad sampler arguments batch_size={batch_size} window={window} rank={rank}/{num_replicas}"
+            )
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.window = window
         self.max_tokens = max_tokens
         self.tokens_per_item = tokens_per_item
+        self.epoch_records = epoch_records
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -179,6 +185,8 @@ class BucketBatchSampler:
             return self._cache[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=gen)
+        if self.epoch_records > 0:
+            perm = perm[: self.epoch_records]  # a different random subset every epoch
         chunk = self.batch_size * self.window
         batches: list[Tensor] = []
         for start in range(0, len(perm), chunk):
@@ -206,14 +214,22 @@ def train_loader(
     seed: int,
     window: int = 50,
     max_tokens: int = 0,
+    epoch_records: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
     """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``)."""
     sampler = BucketBatchSampler(
-        dataset.lengths, batch_size, seed=seed, window=window, max_tokens=max_tokens,
-        tokens_per_item=codes.code_length, num_replicas=num_replicas, rank=rank,
+        dataset.lengths,
+        batch_size,
+        seed=seed,
+        window=window,
+        max_tokens=max_tokens,
+        tokens_per_item=codes.code_length,
+        epoch_records=epoch_records,
+        num_replicas=num_replicas,
+        rank=rank,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
 

@@ -83,7 +83,10 @@ def plan_epoch(
     if ablation == "no_ete":
         return EpochPlan("recommender", False, True, LossWeights(rec=weights.rec_code_loss), False)
     if ablation == "no_alt":
-        phase, w = "joint", LossWeights(weights.rec_code_loss, weights.id_vq_loss, weights.rec_kl_loss, weights.rec_dec_cl_loss)
+        phase, w = (
+            "joint",
+            LossWeights(weights.rec_code_loss, weights.id_vq_loss, weights.rec_kl_loss, weights.rec_dec_cl_loss),
+        )
     elif epoch % cycle == 0:
         phase, w = "tokenizer", LossWeights(0.0, weights.id_vq_loss, weights.id_kl_loss, weights.id_dec_cl_loss)
     else:
@@ -106,7 +109,9 @@ def plan_epoch(
 def training_epochs(epochs: int, *, cycle: int, ablation: str) -> tuple[int, int]:
     """(epochs that train the tokenizer, epochs that train the recommender) in an alternating phase of ``epochs``."""
     plans = [
-        plan_epoch(e, cycle=cycle, warm_epoch=0, ablation=ablation, converged=False, weights=ConfigWeights(1, 1, 1, 1, 1, 1))
+        plan_epoch(
+            e, cycle=cycle, warm_epoch=0, ablation=ablation, converged=False, weights=ConfigWeights(1, 1, 1, 1, 1, 1)
+        )
         for e in range(epochs)
     ]
     return sum(p.train_tokenizer for p in plans), sum(p.train_recommender for p in plans)

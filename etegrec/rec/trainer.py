@@ -113,8 +113,13 @@ class JointTrainer:
         self.tb = TensorBoard(log_root / "tb" / name, enabled=tc.tensorboard and self.is_main)
         if self.is_main:
             write_run_info(self.run_dir, cfg)
-        logger.info("joint training on %s, %d process(es) on %s, run folder %s", cfg.data.dataset, self.world,
-                    self.device, self.run_dir)
+        logger.info(
+            "joint training on %s, %d process(es) on %s, run folder %s",
+            cfg.data.dataset,
+            self.world,
+            self.device,
+            self.run_dir,
+        )
 
         # ---- data
         files = DatasetFiles.from_config(cfg)
@@ -132,9 +137,15 @@ class JointTrainer:
         else:
             path = resolve_rqvae_path(cfg)
             t = cfg.tokenizer
-            self.tokenizer, obj = load_rqvae(path, expected_args={
-                "in_dim": int(vectors.shape[1]), "layers": t.layers, "e_dim": t.e_dim, "num_emb_list": t.num_emb_list,
-            })
+            self.tokenizer, obj = load_rqvae(
+                path,
+                expected_args={
+                    "in_dim": int(vectors.shape[1]),
+                    "layers": t.layers,
+                    "e_dim": t.e_dim,
+                    "num_emb_list": t.num_emb_list,
+                },
+            )
             codes = obj["item_codes"]
             logger.info("tokenizer: %s (%s)", path, obj.get("metrics", {}))
         self._check_codes(codes)
@@ -144,15 +155,25 @@ class JointTrainer:
         # ---- recommender (same seed on every process -> identical initial weights)
         set_seed(tc.seed)
         self.model = build_recommender(cfg, self.tokenizer.model_args()).to(self.device)
-        logger.info("recommender: %.2f M parameters, tokenizer: %.2f M",
-                    sum(p.numel() for p in self.model.parameters()) / 1e6,
-                    sum(p.numel() for p in self.tokenizer.parameters()) / 1e6)
+        logger.info(
+            "recommender: %.2f M parameters, tokenizer: %.2f M",
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            sum(p.numel() for p in self.tokenizer.parameters()) / 1e6,
+        )
 
         # ---- loaders
         self.train_set = SequenceDataset(splits["train"], cfg.data.max_his_len)
         self.train_loader = train_loader(
-            self.train_set, self.codes, tc.batch_size, seed=tc.seed, window=tc.bucket_window,
-            max_tokens=tc.max_batch_tokens, num_replicas=self.world, rank=self.rank, num_workers=tc.num_workers,
+            self.train_set,
+            self.codes,
+            tc.batch_size,
+            seed=tc.seed,
+            window=tc.bucket_window,
+            max_tokens=tc.max_batch_tokens,
+            epoch_records=tc.epoch_records,
+            num_replicas=self.world,
+            rank=self.rank,
+            num_workers=tc.num_workers,
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
@@ -196,7 +217,11 @@ class JointTrainer:
         if total > 0 and warmup >= total:
             logger.warning(
                 "%s schedule: warm-up of %d steps >= the %d steps this optimizer takes, so its learning rate never "
-                "reaches its peak; lower warmup_steps (e.g. to %d)", name, warmup, total, max(1, total // 10),
+                "reaches its peak; lower warmup_steps (e.g. to %d)",
+                name,
+                warmup,
+                total,
+                max(1, total // 10),
             )
         return build_scheduler(opt, kind=self.cfg.train.lr_scheduler_type, warmup_steps=warmup, total_steps=total)
 
@@ -232,8 +257,14 @@ class JointTrainer:
             self._make_finetune_optimizer()
             self.ft_opt.load_state_dict(opts["finetune"])
             self.ft_sched.load_state_dict(scheds["finetune"])
-        logger.info("resumed from %s: stage %s, epoch %d, best %s=%.4f", self.cfg.train.resume, self.state.stage,
-                    self.state.epoch, self.cfg.train.valid_metric, self.state.best_score)
+        logger.info(
+            "resumed from %s: stage %s, epoch %d, best %s=%.4f",
+            self.cfg.train.resume,
+            self.state.stage,
+            self.state.epoch,
+            self.cfg.train.valid_metric,
+            self.state.best_score,
+        )
 
     def _make_finetune_optimizer(self) -> None:
         tc = self.cfg.train
@@ -249,9 +280,17 @@ class JointTrainer:
             if self.ft_opt is not None:
                 opts["finetune"], scheds["finetune"] = self.ft_opt.state_dict(), self.ft_sched.state_dict()
             save_joint(
-                self.run_dir / name, cfg=self.cfg, model=self.model, tokenizer=self.tokenizer,
-                item_codes=self.codes.codes, epoch=self.state.epochs_done, phase=plan_phase, metrics=metrics,
-                optimizers=opts, schedulers=scheds, trainer=asdict(self.state),
+                self.run_dir / name,
+                cfg=self.cfg,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                item_codes=self.codes.codes,
+                epoch=self.state.epochs_done,
+                phase=plan_phase,
+                metrics=metrics,
+                optimizers=opts,
+                schedulers=scheds,
+                trainer=asdict(self.state),
                 rng={"scheme": "re-seeded every epoch from (seed, epochs_done, rank)", "seed": self.cfg.train.seed},
             )
         self.acc.wait_for_everyone()
@@ -358,8 +397,14 @@ class JointTrainer:
         accum = tc.gradient_accumulation_steps
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = tqdm(total=n_batches, desc=f"epoch {s.epochs_done} {plan.phase}", disable=not self.is_main,
-                   dynamic_ncols=True, leave=False, file=sys.stdout)
+        bar = tqdm(
+            total=n_batches,
+            desc=f"epoch {s.epochs_done} {plan.phase}",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stdout,
+        )
         for i, batch in enumerate(self.train_loader):
             batch = batch.to(self.device)
             parts = self._losses(batch, plan)
@@ -387,8 +432,12 @@ class JointTrainer:
         speed = seen * self.world / max(seconds, 1e-9)
         self.tb.scalars(s.epochs_done, {f"seq_per_s_{plan.phase}": speed}, prefix="speed/")
         logger.info(
-            "epoch %d %-11s | %s | %.1f s, %.1f seq/s, peak memory %.0f MB", s.epochs_done, plan.phase,
-            " ".join(f"{k}={v:.4f}" for k, v in means.items()) or "nothing to train", seconds, speed,
+            "epoch %d %-11s | %s | %.1f s, %.1f seq/s, peak memory %.0f MB",
+            s.epochs_done,
+            plan.phase,
+            " ".join(f"{k}={v:.4f}" for k, v in means.items()) or "nothing to train",
+            seconds,
+            speed,
             _peak_memory_mb(self.device),
         )
         return means
@@ -404,12 +453,20 @@ class JointTrainer:
         churn = float((new != self.codes.codes).any(dim=1).double().mean())
         prefix_churn = float((new[:, :-1] != self.codes.codes[:, :-1]).any(dim=1).double().mean())
         self.codes.update(new)
-        shown = {"churn": churn, "prefix_churn": prefix_churn,
-                 **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+        shown = {
+            "churn": churn,
+            "prefix_churn": prefix_churn,
+            **{k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        }
         self.tb.scalars(self.state.epochs_done, shown, prefix="codes/")
         logger.info(
             "item codes recomputed: churn %.4f (prefix %.4f), collision rate %.4f, max group %d, gini %.3f, "
-            "min usage %.3f", churn, prefix_churn, stats["collision_rate"], stats["max_group"], stats["gini"],
+            "min usage %.3f",
+            churn,
+            prefix_churn,
+            stats["collision_rate"],
+            stats["max_group"],
+            stats["gini"],
             stats["min_usage"],
         )
 
@@ -432,9 +489,15 @@ class JointTrainer:
             s.patience += 1
         self.tb.scalars(s.epochs_done, metrics, prefix="valid/")
         logger.info(
-            "valid epoch %d | %s | %s (best %.4f at epoch %d, patience %d/%d, %.1f s)", s.epochs_done,
-            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), "improved" if improved else "no improvement",
-            s.best_score, s.best_epoch, s.patience, patience_limit, time.perf_counter() - start,
+            "valid epoch %d | %s | %s (best %.4f at epoch %d, patience %d/%d, %.1f s)",
+            s.epochs_done,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+            "improved" if improved else "no improvement",
+            s.best_score,
+            s.best_epoch,
+            s.patience,
+            patience_limit,
+            time.perf_counter() - start,
         )
         if improved:
             self._save("best.pt", phase, metrics)
@@ -449,16 +512,25 @@ class JointTrainer:
         self._load_weights("best.pt")
         self._make_finetune_optimizer()
         s.stage, s.epoch, s.patience = "finetune", 0, 0
-        logger.info("tokenizer frozen for good; finetuning the recommender from epoch %d's model (lr %g)",
-                    s.best_epoch, tc.finetune_lr)
+        logger.info(
+            "tokenizer frozen for good; finetuning the recommender from epoch %d's model (lr %g)",
+            s.best_epoch,
+            tc.finetune_lr,
+        )
 
     def fit(self) -> dict[str, Any]:
         """Run (or continue) both stages, test the best model, return the metrics."""
         s, tc = self.state, self.cfg.train
         start = time.perf_counter()
         while s.stage == "alternating":
-            plan = plan_epoch(s.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
-                              converged=False, weights=self.weights)
+            plan = plan_epoch(
+                s.epoch,
+                cycle=tc.cycle,
+                warm_epoch=tc.warm_epoch,
+                ablation=tc.ablation,
+                converged=False,
+                weights=self.weights,
+            )
             if any(plan.weights):
                 self._train_epoch(plan)
             if plan.refresh_codes:
@@ -469,13 +541,22 @@ class JointTrainer:
             s.epoch += 1
             s.epochs_done += 1
             if s.patience >= tc.early_stop or s.epoch >= tc.epochs:
-                logger.info("alternating stage done after %d epochs (%s)", s.epoch,
-                            "early stop" if s.patience >= tc.early_stop else "epoch limit")
+                logger.info(
+                    "alternating stage done after %d epochs (%s)",
+                    s.epoch,
+                    "early stop" if s.patience >= tc.early_stop else "epoch limit",
+                )
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
         while s.stage == "finetune":
-            plan = plan_epoch(s.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
-                              converged=True, weights=self.weights)
+            plan = plan_epoch(
+                s.epoch,
+                cycle=tc.cycle,
+                warm_epoch=tc.warm_epoch,
+                ablation=tc.ablation,
+                converged=True,
+                weights=self.weights,
+            )
             self._train_epoch(plan)
             self._validate(plan.phase, tc.finetune_early_stop)
             s.epoch += 1
@@ -493,14 +574,21 @@ class JointTrainer:
         self._load_weights("best.pt")
         test = self._evaluate("test")
         label = "ETEGRec" if tc.ablation == "none" else f"ETEGRec ({tc.ablation})"
-        logger.info("best epoch %d: valid %s", self.state.best_epoch,
-                    " ".join(f"{k}={v:.4f}" for k, v in self.state.best_metrics.items()))
+        logger.info(
+            "best epoch %d: valid %s",
+            self.state.best_epoch,
+            " ".join(f"{k}={v:.4f}" for k, v in self.state.best_metrics.items()),
+        )
         logger.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in test.items()))
         self.tb.scalars(self.state.epochs_done, test, prefix="test/")
         self.tb.close()
         if self.is_main:
-            logger.info("test metrics (%s, training %.0f s):\n%s", self.cfg.data.dataset, seconds,
-                        comparison_table(self.cfg, {label: test}))
+            logger.info(
+                "test metrics (%s, training %.0f s):\n%s",
+                self.cfg.data.dataset,
+                seconds,
+                comparison_table(self.cfg, {label: test}),
+            )
         return {
             "valid": dict(self.state.best_metrics),
             "test": test,
@@ -520,8 +608,9 @@ def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
     stored.train.resume = cfg.train.resume
     ignored = {k: v for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v}
     if ignored:
-        logger.warning("resuming with the checkpoint's config; these command-line/config values are ignored: %s",
-                       ignored)
+        logger.warning(
+            "resuming with the checkpoint's config; these command-line/config values are ignored: %s", ignored
+        )
     return stored.validate()
 
 

@@ -1,0 +1,210 @@
+"""Speed benchmark: training throughput per phase, evaluation users/s per beam width, peak memory.
+
+Everything runs on one dataset's real split, item vectors and tokenizer at the configured model size (the
+dataset configs hold the paper's size), on one process. Useful-FLOP utilisation divides the model's
+analytic FLOPs (matrix products of the T5 layers, attention scores and classifiers; a training step counts
+3x the forward) by the rate of a plain fp32 matrix multiply measured in the same run.
+
+The same checkpoint and histories are also decoded by transformers' ``generate`` with
+``prefix_allowed_tokens_fn`` (the path other implementations use), and the share of users whose top-10
+lists agree with ours is reported. Results go to ``<out>/speed_<dataset>.json`` section by section; a
+re-run skips finished sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etegrec.artifacts import atomic_write_json, atomic_write_text
+from etegrec.bench.quality import machine_description
+from etegrec.config import REPO_ROOT, ModelConfig, load_config
+
+logger = logging.getLogger("etegrec.bench")
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    """fp32 GFLOP/s of an n x n x n matrix product on ``device`` (the machine's practical peak)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def t5_forward_flops(m: ModelConfig, enc_tokens: float, dec_tokens: float, sequences: float) -> float:
+    """Forward FLOPs of the T5 recommender for ``sequences`` examples with the given token totals.
+
+    Per token and layer: attention projections 4*d*inner, feed-forward 2*d*d_ff, attention scores
+    2*len*inner (QK^T and AV); the decoder adds cross-attention (q/o per decoder token, k/v per encoder token,
+    scores against the encoder length) and one K-way classifier per decoder token. MACs x 2 = FLOPs.
+    """
+    inner = m.num_heads * m.d_kv
+    enc_len = enc_tokens / max(sequences, 1.0)
+    dec_len = dec_tokens / max(sequences, 1.0)
+    enc = m.encoder_layers * enc_tokens * (4 * m.d_model * inner + 2 * m.d_model * m.d_ff + 2 * enc_len * inner)
+    dec = m.decoder_layers * (
+        dec_tokens * (4 * m.d_model * inner + 2 * dec_len * inner)  # self-attention
+        + dec_tokens * (2 * m.d_model * inner + 2 * enc_len * inner)  # cross-attention q, o, scores
+        + enc_tokens * 2 * m.d_model * inner  # cross-attention k, v of the encoder states
+        + dec_tokens * 2 * m.d_model * m.d_ff
+    )
+    classifier = dec_tokens * m.d_model * m.code_num
+    return 2.0 * (enc + dec + classifier)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = trainer.cfg.model
+    for phase in ("recommender", "tokenizer"):
+        r = trainer.benchmark_steps(phase, steps)
+        flops = 3 * t5_forward_flops(m, r["enc_tokens"], r["dec_tokens"], r["sequences"])
+        if phase == "tokenizer":
+            # tokenizer phase: encoder + BOS decoder state on distinct targets only (no rec loss)
+            flops = 3 * t5_forward_flops(m, r["enc_tokens_distinct"], r["distinct"], r["distinct"])
+        out[phase] = {
+            "seq_per_s": r["sequences"] / r["seconds"],
+            "useful_gflop_per_s": flops / r["seconds"] / 1e9,
+            "utilisation": flops / r["seconds"] / 1e9 / peak,
+            "steps": steps,
+            "batch_size": trainer.cfg.train.batch_size,
+        }
+        logger.info("%s phase: %.1f seq/s, %.1f%% of the matmul peak", phase, out[phase]["seq_per_s"],
+                    100 * out[phase]["utilisation"])
+    return out
+
+
+def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, peak: float) -> dict[str, Any]:
+    from etegrec.rec.generation import HFConstrainedGenerator, ItemTrie, beam_search
+
+    model = trainer.model.eval()
+    trie = ItemTrie(item_codes=trainer.codes.codes, code_num=model.code_num).to(trainer.device)
+    batches = trainer.benchmark_eval_batches("test", users)  # list of history_codes (b, S), length-sorted
+    n_users = sum(b.shape[0] for b in batches)
+    out: dict[str, Any] = {"users": n_users}
+    m = trainer.cfg.model
+    enc_tokens = float(sum((b >= 0).sum() for b in batches))
+    for width in beams:
+        top_k = min(10, width)
+        beam_search(model, trie, batches[0], width, top_k)  # warm-up
+        _sync(trainer.device)
+        start = time.perf_counter()
+        for b in batches:
+            beam_search(model, trie, b, width, top_k)
+        _sync(trainer.device)
+        seconds = time.perf_counter() - start
+        # decoder rows: 1 at the first step, then `width` per later level
+        dec_tokens = n_users * (1 + (m.code_length - 1) * width)
+        flops = t5_forward_flops(m, enc_tokens, dec_tokens, n_users)
+        out[f"beams_{width}"] = {"users_per_s": n_users / seconds, "utilisation": flops / seconds / 1e9 / peak}
+        logger.info("beam search, %d beams: %.1f users/s", width, n_users / seconds)
+    hf = HFConstrainedGenerator(model=model, trie=trie)
+    hf_batches, seen = [], 0
+    for b in batches:
+        if seen >= hf_users:
+            break
+        hf_batches.append(b)
+        seen += b.shape[0]
+    for width in (w for w in beams if w in (1, 20)):
+        top_k = min(10, width)
+        ours = [beam_search(model, trie, b, width, top_k).items for b in hf_batches]
+        start = time.perf_counter()
+        theirs = [hf(b, width, top_k).items for b in hf_batches]
+        seconds = time.perf_counter() - start
+        agree = torch.cat([(a == b).all(dim=1) for a, b in zip(ours, theirs)]).float().mean().item()
+        speed = seen / seconds
+        out[f"hf_generate_beams_{width}"] = {
+            "users_per_s": speed, "users": seen, "top_k_identical_share": agree,
+            "our_speedup": out[f"beams_{width}"]["users_per_s"] / speed,
+        }
+        logger.info("transformers generate, %d beams: %.2f users/s, identical top-%d lists %.3f", width, speed,
+                    top_k, agree)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The speed tables."""
+    lines = [f"Dataset `{result['dataset']}`, model {result['model']}, machine: {result['machine']}, fp32 matmul "
+             f"{result['matmul_gflops']:.0f} GFLOP/s.", ""]
+    if "train" in result:
+        lines += ["| training phase | sequences/s | useful-FLOP utilisation |", "|---|---|---|"]
+        for phase, r in result["train"].items():
+            lines.append(f"| {phase} | {r['seq_per_s']:.1f} | {100 * r['utilisation']:.1f}% |")
+        lines.append("")
+    if "eval" in result:
+        lines += ["| decoding | users/s | note |", "|---|---|---|"]
+        for key, r in result["eval"].items():
+            if key.startswith("beams_"):
+                lines.append(f"| ours, {key[6:]} beams | {r['users_per_s']:.1f} | {100 * r['utilisation']:.1f}% useful-FLOP utilisation |")
+            elif key.startswith("hf_generate_beams_"):
+                lines.append(
+                    f"| transformers generate + prefix_allowed_tokens_fn, {key[18:]} beams | {r['users_per_s']:.2f} | "
+                    f"top-10 identical for {100 * r['top_k_identical_share']:.1f}% of {r['users']} users; ours "
+                    f"{r['our_speedup']:.0f}x faster |"
+                )
+        lines.append("")
+    lines.append(f"Peak memory: {result.get('peak_memory_train_mb', float('nan')):.0f} MB while training, "
+                 f"{result.get('peak_memory_mb', float('nan')):.0f} MB over the whole run.")
+    return "\n".join(lines)
+
+
+def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """Run (or resume) the speed benchmark and write its JSON and Markdown results."""
+    from etegrec.pipeline import build_missing
+    from etegrec.rec.trainer import JointTrainer
+    from etegrec.runtime import make_accelerator, setup_logging
+
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
+    result_file = out / f"speed_{args.dataset}.json"
+    setup_logging(out / f"speed_{args.dataset}.log")
+    cfg = load_config(
+        REPO_ROOT / "config" / f"{args.dataset}.yaml",
+        [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}", f"--log_dir={out / 'speed_logs'}",
+         "--tensorboard=false"] + overrides,
+    )
+    build_missing(cfg)
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    accelerator = make_accelerator()
+    trainer = JointTrainer(cfg, accelerator)
+    peak = matmul_gflops(trainer.device)
+    m = cfg.model
+    result.update({
+        "dataset": args.dataset, "machine": machine_description(), "matmul_gflops": peak,
+        "model": f"T5 {m.encoder_layers}+{m.decoder_layers} layers, d_model {m.d_model}, d_ff {m.d_ff}",
+        "threads": torch.get_num_threads(),
+    })
+    if "train" not in result:
+        result["train"] = _train_section(trainer, args.train_steps, peak)
+        result["peak_memory_train_mb"] = peak_memory_mb(trainer.device)
+        atomic_write_json(result_file, result)
+    if "eval" not in result:
+        result["eval"] = _eval_section(trainer, args.beams, args.eval_users, args.hf_users, peak)
+    result["peak_memory_mb"] = max(result.get("peak_memory_mb", 0.0), peak_memory_mb(trainer.device))
+    atomic_write_json(result_file, result)
+    table = markdown(result)
+    atomic_write_text(out / f"speed_{args.dataset}.md", table + "\n")
+    print(table)
+    return result
