@@ -76,9 +76,23 @@ def build_missing(cfg: Config) -> None:
 
 
 def ensure_upstream(cfg: Config, accelerator: Any = None) -> None:
-    """``build_missing`` on the main process; every process waits for it."""
+    """``build_missing`` on the main process; every process waits for it.
+
+    ``accelerate launch`` gives each of N CPU processes 1/N of the cores; while the others only wait, the
+    main process uses all of them for the upstream stages.
+    """
+    import os
+
+    import torch
+
     if accelerator is None or accelerator.is_main_process:
-        build_missing(cfg)
+        threads = torch.get_num_threads()
+        if accelerator is not None and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or threads)
+        try:
+            build_missing(cfg)
+        finally:
+            torch.set_num_threads(threads)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 

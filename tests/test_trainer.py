@@ -15,7 +15,7 @@ import torch
 from tiny_data import make_tiny_dataset
 
 from etegrec.artifacts import ArtifactError
-from etegrec.config import dump_yaml
+from etegrec.config import ConfigError, dump_yaml
 from etegrec.rec import trainer
 from etegrec.rec.checkpoint import build_recommender, load_joint
 from etegrec.runtime import make_accelerator, set_seed
@@ -65,6 +65,18 @@ def test_two_epoch_smoke_run_of_every_ablation(tmp_path, accelerator, ablation) 
         assert torch.equal(state.item_codes, pretrained["item_codes"])
     else:
         assert all(tok_changed)
+
+
+def test_gradient_accumulation_steps_once_per_group(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0, gradient_accumulation_steps=3)
+    result = trainer.run(cfg, accelerator)
+    n_records = len((Path(cfg.data.data_path) / "tiny" / "tiny.train.jsonl").read_text().splitlines())
+    batches = math.ceil(n_records / cfg.train.batch_size)  # per epoch (one process, no token budget)
+    last = torch.load(Path(result["run_dir"]) / "last.pt", weights_only=True)
+    # One optimizer step per 3 batches (the last group of an epoch may be shorter), two epochs.
+    assert last["trainer"]["global_step"] == 2 * math.ceil(batches / 3)
+    # The schedules count the same optimizer steps: the rec cosine has run its 1 epoch of ceil(batches / 3) steps.
+    assert last["schedulers"]["rec"]["last_epoch"] == math.ceil(batches / 3)
 
 
 def _interrupt_after(monkeypatch, saves: int) -> None:
@@ -148,6 +160,14 @@ def test_inconsistent_config_fails_at_start_up(tmp_path, accelerator, overrides,
         trainer.run(cfg.validate(), accelerator)
 
 
+@pytest.mark.parametrize("key, value", [("epochs", 0), ("psa_tau", 0.0), ("rec_code_loss", 0.0), ("id_kl_loss", -1.0)])
+def test_out_of_range_training_keys_fail_at_start_up(tmp_path, accelerator, key, value) -> None:
+    cfg = make_tiny_dataset(tmp_path)
+    setattr(cfg.train, key, value)
+    with pytest.raises(ConfigError, match=key):
+        trainer.run(cfg, accelerator)
+
+
 def test_two_process_cpu_run(tmp_path) -> None:
     cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=1)
     config = tmp_path / "tiny.yaml"
@@ -185,3 +205,16 @@ def test_two_process_cpu_run(tmp_path) -> None:
     last = torch.load(run_dirs[0] / "last.pt", weights_only=True)
     assert last["trainer"]["stage"] == "done" and last["trainer"]["epochs_done"] == 3
     print(f"2-process run: {time.time() - start:.1f} s")
+
+
+def test_benchmark_hooks_count_real_tokens(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    for phase in ("tokenizer", "recommender"):
+        r = joint.benchmark_steps(phase, 2)
+        assert r["sequences"] == 2 * cfg.train.batch_size and r["seconds"] > 0
+        assert r["dec_tokens"] == r["sequences"] * cfg.model.code_length
+        assert 0 < r["enc_tokens_distinct"] <= r["enc_tokens"] and 0 < r["distinct"] <= r["sequences"]
+    batches = joint.benchmark_eval_batches("test", 20)
+    lengths = torch.cat([(b >= 0).sum(1) for b in batches])
+    assert len(lengths) == 20 and torch.equal(lengths, lengths.sort().values)

@@ -21,7 +21,8 @@ RecBole 1.2.1 (the last release) breaks with today's NumPy and PyTorch; rather t
 
 Known and left alone: under pandas >= 3 (copy-on-write) RecBole's missing-value filling
 (``Dataset._fill_nan``, ``fillna(inplace=True)`` on a column) does nothing and warns ``ChainedAssignmentError``.
-The ``.inter`` file ``etegrec.embeddings.sasrec`` writes has no missing values, so nothing depends on it.
+The ``.inter`` file ``etegrec.embeddings.sasrec`` writes has no missing values, so nothing depends on it; the
+warning (and RecBole's other deprecation noise) is silenced for RecBole's own modules only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,13 @@ _NUMPY1_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": 
 for _name, _value in _NUMPY1_ALIASES.items():
     if _name not in np.__dict__:
         setattr(np, _name, _value)
+
+for _category in (FutureWarning, UserWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", category=_category, module=r"recbole\.")
+with contextlib.suppress(ImportError, AttributeError):
+    from pandas.errors import ChainedAssignmentError
+
+    warnings.filterwarnings("ignore", category=ChainedAssignmentError, module=r"recbole\.")
 
 # RecBole is imported only now, after the aliases exist (fix 1).
 import recbole.trainer.trainer as _recbole_trainer_module

@@ -88,12 +88,15 @@ class SequenceDataset(Dataset):
         self.lengths = torch.from_numpy(lengths)  # (n,)
         self.target = torch.from_numpy(np.asarray(split.target, dtype=np.int64))  # (n,)
 
-    def sorted_by_length(self) -> SequenceDataset:
-        """The same records ordered by history length (stable), sharing no storage with this one."""
-        order = torch.argsort(self.lengths, stable=True)
+    def subset(self, index: Tensor) -> SequenceDataset:
+        """The records ``index`` (long tensor), in that order, sharing no storage with this one."""
         out = SequenceDataset.__new__(SequenceDataset)
-        out.history, out.lengths, out.target = self.history[order], self.lengths[order], self.target[order]
+        out.history, out.lengths, out.target = self.history[index], self.lengths[index], self.target[index]
         return out
+
+    def sorted_by_length(self) -> SequenceDataset:
+        """The same records ordered by history length (stable)."""
+        return self.subset(torch.argsort(self.lengths, stable=True))
 
     def __len__(self) -> int:
         return self.target.shape[0]

@@ -28,6 +28,9 @@ Deviations from the reference code (spec §6, §11, §12):
   (seed, epoch, rank), and optimizer / scheduler / trainer state come from the checkpoint.
 * The finetune stage starts from the best alternating checkpoint, keeps its best score (``best.pt`` is only
   replaced by a better model) and writes into the same files, never the reference's clashing ``{epoch}.pt``.
+* Speed and memory knobs the reference lacks (all off by default except bucketing): length-bucketed batches
+  padded to the batch maximum (``bucket_window``), a per-batch token budget (``max_batch_tokens``), a random
+  subset of records per epoch (``epoch_records``) and bfloat16 autocast of the recommender (``bf16``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -91,6 +99,7 @@ class JointTrainer:
     """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
+        _check_ranges(cfg)
         resume = read_joint(cfg.train.resume) if cfg.train.resume else None
         if resume is not None:
             cfg = _resume_config(cfg, resume)
@@ -147,7 +156,10 @@ class JointTrainer:
                 },
             )
             codes = obj["item_codes"]
-            logger.info("tokenizer: %s (%s)", path, obj.get("metrics", {}))
+            stats = obj.get("metrics", {})
+            logger.info(
+                "tokenizer: %s (collision rate %s, gini %s)", path, stats.get("collision_rate"), stats.get("gini")
+            )
         self._check_codes(codes)
         self.tokenizer.to(self.device)
         self.codes = CodeTable(codes)
@@ -191,6 +203,12 @@ class JointTrainer:
         self.weights = ConfigWeights(
             tc.id_vq_loss, tc.id_kl_loss, tc.id_dec_cl_loss, tc.rec_code_loss, tc.rec_kl_loss, tc.rec_dec_cl_loss
         )
+        if tc.warm_epoch >= tc.epochs and tc.ablation not in ("no_align", "no_ete"):
+            logger.warning(
+                "warm_epoch=%d >= epochs=%d: SIA and PSA never switch on (as in ablation no_align); lower warm_epoch",
+                tc.warm_epoch,
+                tc.epochs,
+            )
         self.state = TrainerState()
         if resume is not None:
             self._restore(resume)
@@ -354,6 +372,15 @@ class JointTrainer:
             )
         return values
 
+    def _set_modes(self, plan: EpochPlan) -> None:
+        """Train mode and gradients for the model(s) this phase trains; eval mode, no gradients for the other."""
+        self.model.train(plan.train_recommender)
+        self.tokenizer.train(plan.train_tokenizer)
+        for p in self.model.parameters():
+            p.requires_grad_(plan.train_recommender)
+        for p in self.tokenizer.parameters():
+            p.requires_grad_(plan.train_tokenizer)
+
     def _optimizers(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
         if plan.phase == "finetune":
             return [("finetune", self.ft_opt, self.ft_sched, self.model)]
@@ -386,12 +413,7 @@ class JointTrainer:
         s = self.state
         set_seed(_epoch_seed(tc.seed, s.epochs_done, self.rank))
         self.train_loader.batch_sampler.set_epoch(s.epochs_done)
-        self.model.train(plan.train_recommender)
-        self.tokenizer.train(plan.train_tokenizer)
-        for p in self.model.parameters():
-            p.requires_grad_(plan.train_recommender)
-        for p in self.tokenizer.parameters():
-            p.requires_grad_(plan.train_tokenizer)
+        self._set_modes(plan)
         groups = self._optimizers(plan)
         n_batches = len(self.train_loader)
         accum = tc.gradient_accumulation_steps
@@ -445,7 +467,10 @@ class JointTrainer:
     # ------------------------------------------------------------------ codes and evaluation
     def _refresh_codes(self) -> None:
         """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
-        new, stats = build_item_codes(self.tokenizer, self.vectors[1:], self.model.code_num)  # (N, C)
+        new, stats = build_item_codes(  # (N, C), same assignment rule as pretraining (Sinkhorn where sk_epsilons > 0)
+            self.tokenizer, self.vectors[1:], self.model.code_num,
+            sk_epsilons=self.cfg.tokenizer.sk_epsilons, sk_iters=self.cfg.tokenizer.sk_iters,
+        )
         if self.world > 1:
             from accelerate.utils import broadcast
 
@@ -501,6 +526,60 @@ class JointTrainer:
         )
         if improved:
             self._save("best.pt", phase, metrics)
+
+    # ------------------------------------------------------------------ benchmark hooks (etegrec.bench.speed)
+    def benchmark_steps(self, phase: str, steps: int) -> dict[str, float]:
+        """Time ``steps`` training steps of ``phase`` (``tokenizer`` | ``recommender``) with every loss term on.
+
+        Trains the models as a real epoch would (weights change). Token counts exclude padding, so callers can
+        turn them into useful FLOPs.
+
+        Returns:
+            ``sequences``, ``seconds``, ``enc_tokens`` / ``dec_tokens`` (history / target code tokens of all
+            rows), ``distinct`` and ``enc_tokens_distinct`` (rows with distinct targets, which the tokenizer
+            phase runs the recommender on).
+        """
+        if phase not in ("tokenizer", "recommender"):
+            raise ValueError(f"phase={phase!r}; use tokenizer or recommender")
+        plan = plan_epoch(
+            0 if phase == "tokenizer" else 1,
+            cycle=2,
+            warm_epoch=0,
+            ablation="none",
+            converged=False,
+            weights=self.weights,
+        )
+        self._set_modes(plan)
+        groups = self._optimizers(plan)
+        batches = [b.to(self.device) for _, b in zip(range(steps + 1), self.train_loader)]
+        out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
+        start = 0.0
+        for i, b in enumerate(batches):
+            if i == 1:  # the first step warms up allocators and kernels
+                _sync(self.device)
+                start = time.perf_counter()
+            parts = self._losses(b, plan)
+            self._check_finite(parts, plan, i)
+            sum(getattr(plan.weights, k) * v for k, v in parts.items()).backward()
+            self._step(groups)
+            if i >= 1:
+                first = first_occurrence(b.target)
+                real = b.history_codes >= 0  # (B, S)
+                out["sequences"] += b.target.shape[0]
+                out["enc_tokens"] += float(real.sum())
+                out["dec_tokens"] += b.target_codes.numel()
+                out["distinct"] += first.shape[0]
+                out["enc_tokens_distinct"] += float(real[first].sum())
+        _sync(self.device)
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+    def benchmark_eval_batches(self, split: str, users: int) -> list[Tensor]:
+        """History codes of the first ``users`` records of ``split``, sorted by length, in eval-size batches."""
+        data = self.eval_sets[split]
+        subset = data.subset(torch.arange(min(users, len(data))))
+        loader = eval_loader(subset, self.codes, self.cfg.train.eval_batch_size)
+        return [b.history_codes.to(self.device) for b in loader]
 
     # ------------------------------------------------------------------ stages
     def _start_finetune(self) -> None:
@@ -597,6 +676,46 @@ class JointTrainer:
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Joint-training keys that must be positive (or non-negative); fail before loading anything."""
+    tc = cfg.train
+    positive = (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "eval_step",
+        "early_stop",
+        "finetune_early_stop",
+        "gradient_accumulation_steps",
+        "bucket_window",
+        "num_beams",
+    )
+    non_negative = (
+        "finetune_epochs",
+        "warmup_steps",
+        "warm_epoch",
+        "max_batch_tokens",
+        "epoch_records",
+        "max_grad_norm",
+        "weight_decay",
+        "num_workers",
+    )
+    for key in positive:
+        if getattr(tc, key) < 1:
+            raise ConfigError(f"{key}={getattr(tc, key)} must be >= 1")
+    for key in non_negative:
+        if getattr(tc, key) < 0:
+            raise ConfigError(f"{key}={getattr(tc, key)} must be >= 0")
+    if tc.psa_tau <= 0:
+        raise ConfigError(f"psa_tau={tc.psa_tau} must be > 0 (the InfoNCE temperature; the reference uses 0.07)")
+    weights = ("id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss", "rec_dec_cl_loss", "alpha")
+    for key in weights:
+        if getattr(tc, key) < 0:
+            raise ConfigError(f"{key}={getattr(tc, key)} is a loss weight and must be >= 0")
+    if tc.rec_code_loss == 0:
+        raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0")
 
 
 def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
