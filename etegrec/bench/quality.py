@@ -113,7 +113,8 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
         from etegrec.rec.trainer import run as train_joint
 
         cfg.train.ablation = "no_ete" if model == "TIGER-style" else cfg.train.ablation
-        return train_joint(cfg, accelerator)
+        result = train_joint(cfg, accelerator)
+        return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"]}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -121,7 +122,9 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
         if not sft:
             raise RuntimeError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
         cfg.grpo.sft_ckpt = sft
-        return train_grpo(cfg, accelerator)
+        result = train_grpo(cfg, accelerator)
+        return {"valid": result["grpo"]["valid"], "test": result["grpo"]["test"],
+                "sft_valid": result["sft"]["valid"], "sft_test": result["sft"]["test"]}
     raise ValueError(f"unknown model {model!r}; use SASRec, TIGER-style, ETEGRec or ETEGRec+GRPO")
 
 

@@ -1,0 +1,53 @@
+"""The benchmarks run end to end on a tiny preset (real Scientific data, shrunk by a stricter k-core)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from etegrec.bench.quality import REPORTED, markdown, run_quality, summarise
+from etegrec.bench.speed import t5_forward_flops
+from etegrec.config import ModelConfig
+
+
+def test_summary_mean_and_std() -> None:
+    runs = {
+        "d/seed1/M": {"test": {m: 0.1 for m in REPORTED}},
+        "d/seed2/M": {"test": {m: 0.3 for m in REPORTED}},
+    }
+    s = summarise(runs, ["d"], ["M"])["d"]["M"]["ndcg@10"]
+    assert s["mean"] == pytest.approx(0.2) and s["std"] == pytest.approx(0.1) and s["n"] == 2
+    assert "0.2000 ± 0.1000" in markdown({"d": {"M": summarise(runs, ["d"], ["M"])["d"]["M"]}},
+                                         {"preset": "x", "seeds": [1, 2], "machine": "m", "commit": "c"})
+
+
+def test_flop_count_by_hand() -> None:
+    # 1 encoder layer, 0 decoder layers, d=2, inner=2 (1 head x 2), d_ff=4, K=3; one sequence of 2 encoder
+    # tokens and 1 decoder token: encoder 2 * (4*2*2 + 2*2*4 + 2*2*2) = 2 * 40 = 80 MACs; classifier 1*2*3 = 6.
+    m = ModelConfig(encoder_layers=1, decoder_layers=0, d_model=2, d_ff=4, num_heads=1, d_kv=2, code_num=3)
+    assert t5_forward_flops(m, enc_tokens=2, dec_tokens=1, sequences=1) == 2 * (80 + 6)
+
+
+@pytest.mark.slow  # about 2-4 minutes on 2 cores: every stage of every model, twice the resume check
+def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
+    args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
+                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path))
+    overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
+    state = run_quality(args, overrides)
+    saved = json.loads((tmp_path / "quality_tiny.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(state["summary"]))
+    assert set(saved["meta"]) >= {"preset", "seeds", "machine", "commit"}
+    for model in args.models:
+        run = saved["runs"][f"scientific/seed1/{model}"]
+        assert run["wall_s"] >= 0
+        for metric in REPORTED:
+            assert 0.0 <= run["test"][metric] <= 1.0 and math.isfinite(run["test"][metric])
+        assert saved["summary"]["scientific"][model]["recall@10"]["n"] == 1
+    assert (tmp_path / "quality_tiny.md").read_text().count("| ") > 4
+    # a second invocation resumes: nothing is re-run, the same result comes back
+    again = run_quality(args, overrides)
+    assert again["runs"] == saved["runs"]
