@@ -123,17 +123,15 @@ def time_training_steps(trainer: Any, phase: str, steps: int) -> dict[str, float
 
 
 def eval_batches(trainer: Any, split: str, users: int) -> list[torch.Tensor]:
-    """History-code batches of the first ``users`` records of ``split``, as the evaluation loader makes them."""
+    """About ``users`` records of ``split`` as evaluation batches: evenly spaced batches of the length-sorted
+    evaluation loader, so the history lengths are representative of the whole split."""
     from etegrec.rec.data import eval_loader
 
     loader = eval_loader(trainer.eval_sets[split], trainer.codes, trainer.cfg.train.eval_batch_size)
-    out, seen = [], 0
-    for batch in loader:
-        out.append(batch.history_codes.to(trainer.device))
-        seen += batch.history_codes.shape[0]
-        if seen >= users:
-            break
-    return out
+    n_batches = len(loader)
+    wanted = max(1, min(n_batches, round(users / trainer.cfg.train.eval_batch_size)))
+    keep = {round(i * (n_batches - 1) / max(wanted - 1, 1)) for i in range(wanted)}
+    return [b.history_codes.to(trainer.device) for i, b in enumerate(loader) if i in keep]
 
 
 def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
@@ -143,8 +141,9 @@ def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
         r = time_training_steps(trainer, phase, steps)
         flops = 3 * t5_forward_flops(m, r["enc_tokens"], r["dec_tokens"], r["sequences"])
         if phase == "tokenizer":
-            # tokenizer phase: encoder + BOS decoder state on distinct targets only (no rec loss)
-            flops = 3 * t5_forward_flops(m, r["enc_tokens_distinct"], r["distinct"], r["distinct"])
+            # tokenizer phase: the frozen recommender runs forward only (no backward), on the distinct targets,
+            # encoder + the BOS decoder state; the RQ-VAE's own MLP FLOPs are left out (small)
+            flops = t5_forward_flops(m, r["enc_tokens_distinct"], r["distinct"], r["distinct"])
         out[phase] = {
             "seq_per_s": r["sequences"] / r["seconds"],
             "useful_gflop_per_s": flops / r["seconds"] / 1e9,
@@ -182,15 +181,14 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
         out[f"beams_{width}"] = {"users_per_s": n_users / seconds, "utilisation": flops / seconds / 1e9 / peak}
         logger.info("beam search, %d beams: %.1f users/s", width, n_users / seconds)
     hf = HFConstrainedGenerator(model=model, trie=trie)
-    hf_batches, seen = [], 0
-    for b in batches:
-        if seen >= hf_users:
-            break
-        hf_batches.append(b)
-        seen += b.shape[0]
+    step = max(1, len(batches) // max(1, round(hf_users / batches[0].shape[0])))
+    hf_batches = batches[::step][: max(1, round(hf_users / batches[0].shape[0]))]  # spread over lengths
+    seen = sum(b.shape[0] for b in hf_batches)
     for width in (w for w in beams if w in (1, 20)):
         top_k = min(10, width)
+        start = time.perf_counter()
         ours = [beam_search(model, trie, b, width, top_k).items for b in hf_batches]
+        ours_seconds = time.perf_counter() - start
         start = time.perf_counter()
         theirs = [hf(b, width, top_k).items for b in hf_batches]
         seconds = time.perf_counter() - start
@@ -198,7 +196,7 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
         speed = seen / seconds
         out[f"hf_generate_beams_{width}"] = {
             "users_per_s": speed, "users": seen, "top_k_identical_share": agree,
-            "our_speedup": out[f"beams_{width}"]["users_per_s"] / speed,
+            "our_speedup": ours_seconds and seconds / ours_seconds,
         }
         logger.info("transformers generate, %d beams: %.2f users/s, identical top-%d lists %.3f", width, speed,
                     top_k, agree)
