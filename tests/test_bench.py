@@ -32,7 +32,6 @@ def test_flop_count_by_hand() -> None:
     assert t5_forward_flops(m, enc_tokens=2, dec_tokens=1, sequences=1) == 2 * (80 + 6)
 
 
-@pytest.mark.slow  # about 2-4 minutes on 2 cores: every stage of every model, twice the resume check
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
                               models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path))
