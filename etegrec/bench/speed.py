@@ -76,69 +76,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_training_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
-    """Run ``steps`` optimiser steps of one phase exactly as an epoch of ``JointTrainer`` does; time them.
-
-    The first batch is a warm-up and not timed. Counts real (non-pad) encoder tokens, decoder tokens and
-    distinct targets, for the FLOP estimate.
-    """
-    from etegrec.rec.losses import first_occurrence
-    from etegrec.rec.schedule import plan_epoch
-
-    tc = trainer.cfg.train
-    # the first epoch after the warm-up whose phase is `phase` (all losses on): epoch % cycle == 0 -> tokenizer
-    epoch = tc.warm_epoch + ((0 if phase == "tokenizer" else 1) - tc.warm_epoch) % tc.cycle
-    plan = plan_epoch(epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation="none", converged=False,
-                      weights=trainer.weights)
-    assert plan.phase == phase, (plan.phase, phase)
-    trainer.model.train(plan.train_recommender)
-    trainer.tokenizer.train(plan.train_tokenizer)
-    for p in trainer.model.parameters():
-        p.requires_grad_(plan.train_recommender)
-    for p in trainer.tokenizer.parameters():
-        p.requires_grad_(plan.train_tokenizer)
-    groups = trainer._optimizers(plan)
-    totals = {"sequences": 0.0, "enc_tokens": 0.0, "dec_tokens": 0.0, "distinct": 0.0, "enc_tokens_distinct": 0.0}
-    batches = iter(trainer.train_loader)
-    start = 0.0
-    for i in range(steps + 1):
-        if i == 1:
-            _sync(trainer.device)
-            start = time.perf_counter()
-        b = next(batches).to(trainer.device)
-        parts = trainer._losses(b, plan)
-        sum(getattr(plan.weights, k) * v for k, v in parts.items()).backward()
-        trainer._step(groups)
-        if i >= 1:
-            first = first_occurrence(b.target)
-            real = b.history_codes >= 0
-            totals["sequences"] += b.target.shape[0]
-            totals["enc_tokens"] += float(real.sum())
-            totals["dec_tokens"] += float(b.target_codes.numel())
-            totals["distinct"] += float(first.numel())
-            totals["enc_tokens_distinct"] += float(real[first].sum())
-    _sync(trainer.device)
-    totals["seconds"] = time.perf_counter() - start
-    return totals
-
-
-def eval_batches(trainer: Any, split: str, users: int) -> list[torch.Tensor]:
-    """About ``users`` records of ``split`` as evaluation batches: evenly spaced batches of the length-sorted
-    evaluation loader, so the history lengths are representative of the whole split."""
-    from etegrec.rec.data import eval_loader
-
-    loader = eval_loader(trainer.eval_sets[split], trainer.codes, trainer.cfg.train.eval_batch_size)
-    n_batches = len(loader)
-    wanted = max(1, min(n_batches, round(users / trainer.cfg.train.eval_batch_size)))
-    keep = {round(i * (n_batches - 1) / max(wanted - 1, 1)) for i in range(wanted)}
-    return [b.history_codes.to(trainer.device) for i, b in enumerate(loader) if i in keep]
-
-
 def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     m = trainer.cfg.model
     for phase in ("recommender", "tokenizer"):
-        r = time_training_steps(trainer, phase, steps)
+        r = trainer.benchmark_steps(phase, steps)
         flops = 3 * t5_forward_flops(m, r["enc_tokens"], r["dec_tokens"], r["sequences"])
         if phase == "tokenizer":
             # tokenizer phase: the frozen recommender runs forward only (no backward), on the distinct targets,
@@ -161,7 +103,7 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
 
     model = trainer.model.eval()
     trie = ItemTrie(item_codes=trainer.codes.codes, code_num=model.code_num).to(trainer.device)
-    batches = eval_batches(trainer, "test", users)  # list of history_codes (b, S), length-sorted
+    batches = trainer.benchmark_eval_batches("test", users)  # history_codes (b, S) batches, length-sorted
     n_users = sum(b.shape[0] for b in batches)
     out: dict[str, Any] = {"users": n_users}
     m = trainer.cfg.model

@@ -468,8 +468,11 @@ class JointTrainer:
     def _refresh_codes(self) -> None:
         """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
         new, stats = build_item_codes(  # (N, C), same assignment rule as pretraining (Sinkhorn where sk_epsilons > 0)
-            self.tokenizer, self.vectors[1:], self.model.code_num,
-            sk_epsilons=self.cfg.tokenizer.sk_epsilons, sk_iters=self.cfg.tokenizer.sk_iters,
+            self.tokenizer,
+            self.vectors[1:],
+            self.model.code_num,
+            sk_epsilons=self.cfg.tokenizer.sk_epsilons,
+            sk_iters=self.cfg.tokenizer.sk_iters,
         )
         if self.world > 1:
             from accelerate.utils import broadcast
