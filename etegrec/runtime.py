@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from etegrec.config import Config, dump_yaml
+
+if TYPE_CHECKING:
+    import torch
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 logger = logging.getLogger("etegrec")
@@ -99,7 +103,7 @@ class TensorBoard:
             self.writer.close()
 
 
-def pick_device(name: str) -> "torch.device":
+def pick_device(name: str) -> torch.device:
     """``auto`` = CUDA when present, else CPU; otherwise the named device."""
     import torch
 
@@ -115,3 +119,37 @@ def cpu_threads() -> int:
     import torch
 
     return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+
+
+def new_run_dir(root: Path, stamp: str, accelerator: Any) -> Path:
+    """``<root>/<stamp>[-k]``, created by the main process and shared with the others (``-k`` when two runs
+    start in the same second)."""
+    from accelerate.utils import broadcast_object_list
+
+    name: list[str | None] = [None]
+    if accelerator.is_main_process:
+        run_dir, k = root / stamp, 1
+        while run_dir.exists():
+            run_dir, k = root / f"{stamp}-{k}", k + 1
+        run_dir.mkdir(parents=True)
+        name = [run_dir.name]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    return root / str(name[0])
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work (for timing); no-op on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or this process's peak resident memory on CPU (Linux reports KiB)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from etegrec.artifacts import atomic_write_json, atomic_write_text
 from etegrec.bench.quality import machine_description
 from etegrec.config import REPO_ROOT, ModelConfig, load_config
+from etegrec.runtime import peak_memory_mb, sync_device
 
 logger = logging.getLogger("etegrec.bench")
 
@@ -35,17 +35,12 @@ def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> flo
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync_device(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def t5_forward_flops(m: ModelConfig, enc_tokens: float, dec_tokens: float, sequences: float) -> float:
@@ -67,13 +62,6 @@ def t5_forward_flops(m: ModelConfig, enc_tokens: float, dec_tokens: float, seque
     )
     classifier = dec_tokens * m.d_model * m.code_num
     return 2.0 * (enc + dec + classifier)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
@@ -111,11 +99,11 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
     for width in beams:
         top_k = min(10, width)
         beam_search(model, trie, batches[0], width, top_k)  # warm-up
-        _sync(trainer.device)
+        sync_device(trainer.device)
         start = time.perf_counter()
         for b in batches:
             beam_search(model, trie, b, width, top_k)
-        _sync(trainer.device)
+        sync_device(trainer.device)
         seconds = time.perf_counter() - start
         # decoder rows: 1 at the first step, then `width` per later level
         dec_tokens = n_users * (1 + (m.code_length - 1) * width)

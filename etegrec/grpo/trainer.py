@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -83,7 +82,7 @@ from etegrec.rec.evaluate import evaluate
 from etegrec.rec.generation import ItemTrie, sample, trim_history
 from etegrec.rec.model import EncoderOut, GenerativeRecommender
 from etegrec.rec.schedule import build_scheduler
-from etegrec.runtime import TensorBoard, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.runtime import TensorBoard, new_run_dir, set_seed, setup_logging, timestamp, write_run_info
 
 logger = logging.getLogger("etegrec.grpo")
 
@@ -414,22 +413,6 @@ def _item_vectors(cfg: Config, n_items: int, device: torch.device) -> Tensor | N
     return torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(device)
 
 
-def _new_run_dir(cfg: Config, accelerator: Any) -> Path:
-    """``<ckpt_dir>/<dataset>/<TIMESTAMP>_grpo[-k]``, created by the main process and shared with the others."""
-    root = cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset
-    name: list[str | None] = [None]
-    if accelerator.is_main_process:
-        stamp = f"{timestamp()}_grpo"
-        run_dir, k = root / stamp, 1
-        while run_dir.exists():  # two runs in the same second
-            run_dir, k = root / f"{stamp}-{k}", k + 1
-        run_dir.mkdir(parents=True)
-        name = [run_dir.name]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(name, from_process=0)
-    return root / str(name[0])
-
-
 def _check_architecture(cfg: Config, stored: Config, path: str) -> None:
     ours, theirs = cfg.to_dict(), stored.to_dict()
     diff = {k: (ours[k], theirs[k]) for k in sorted(ARCHITECTURE_KEYS) if ours[k] != theirs[k]}
@@ -498,7 +481,10 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
         )
     main = accelerator.is_main_process
     device = accelerator.device
-    run_dir = resume_path.parent if resume_path is not None else _new_run_dir(cfg, accelerator)
+    if resume_path is not None:
+        run_dir = resume_path.parent
+    else:
+        run_dir = new_run_dir(cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset, f"{timestamp()}_grpo", accelerator)
     run_name = run_dir.name
     log_root = cfg.path(tr.log_dir) / cfg.data.dataset
     setup_logging(log_root / f"{run_name}.log", is_main=main)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,16 @@ from etegrec.rec.generation import ItemTrie
 from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
-from etegrec.runtime import TensorBoard, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.runtime import (
+    TensorBoard,
+    new_run_dir,
+    peak_memory_mb,
+    set_seed,
+    setup_logging,
+    sync_device,
+    timestamp,
+    write_run_info,
+)
 from etegrec.tokenizer.item_codes import build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
 from etegrec.tokenizer.quantizer import code_log_probs
@@ -84,17 +92,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 class JointTrainer:
     """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
 
@@ -115,7 +112,7 @@ class JointTrainer:
         if resume is not None:
             self.run_dir = Path(cfg.train.resume).resolve().parent
         else:
-            self.run_dir = self._new_run_dir()
+            self.run_dir = new_run_dir(cfg.path(tc.ckpt_dir) / cfg.data.dataset, timestamp(), accelerator)
         name = self.run_dir.name
         log_root = cfg.path(tc.log_dir) / cfg.data.dataset
         setup_logging(log_root / f"{name}.log", is_main=self.is_main)
@@ -214,23 +211,6 @@ class JointTrainer:
             self._restore(resume)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _new_run_dir(self) -> Path:
-        """``<ckpt_dir>/<dataset>/<TIMESTAMP>[-k]``, created by the main process and shared with the others."""
-        from accelerate.utils import broadcast_object_list
-
-        root = self.cfg.path(self.cfg.train.ckpt_dir) / self.cfg.data.dataset
-        name: list[str | None] = [None]
-        if self.is_main:
-            stamp = timestamp()
-            run_dir, k = root / stamp, 1
-            while run_dir.exists():  # two runs in the same second
-                run_dir, k = root / f"{stamp}-{k}", k + 1
-            run_dir.mkdir(parents=True)
-            name = [run_dir.name]
-        if self.world > 1:
-            broadcast_object_list(name, from_process=0)
-        return root / str(name[0])
-
     def _scheduler(self, opt: torch.optim.Optimizer, warmup: int, total: int, name: str) -> Any:
         if total > 0 and warmup >= total:
             logger.warning(
@@ -460,7 +440,7 @@ class JointTrainer:
             " ".join(f"{k}={v:.4f}" for k, v in means.items()) or "nothing to train",
             seconds,
             speed,
-            _peak_memory_mb(self.device),
+            peak_memory_mb(self.device),
         )
         return means
 
@@ -559,7 +539,7 @@ class JointTrainer:
         start = 0.0
         for i, b in enumerate(batches):
             if i == 1:  # the first step warms up allocators and kernels
-                _sync(self.device)
+                sync_device(self.device)
                 start = time.perf_counter()
             parts = self._losses(b, plan)
             self._check_finite(parts, plan, i)
@@ -573,7 +553,7 @@ class JointTrainer:
                 out["dec_tokens"] += b.target_codes.numel()
                 out["distinct"] += first.shape[0]
                 out["enc_tokens_distinct"] += float(real[first].sum())
-        _sync(self.device)
+        sync_device(self.device)
         out["seconds"] = time.perf_counter() - start
         return out
 
