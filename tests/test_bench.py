@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from etegrec.bench.quality import REPORTED, markdown, run_quality, summarise
+from etegrec.bench.quality import REPORTED, _merge_result, markdown, run_quality, summarise
 from etegrec.bench.speed import t5_forward_flops
 from etegrec.config import ModelConfig
 
@@ -23,6 +23,18 @@ def test_summary_mean_and_std() -> None:
     assert s["mean"] == pytest.approx(0.2) and s["std"] == pytest.approx(0.1) and s["n"] == 2
     assert "0.2000 ± 0.1000" in markdown({"d": {"M": summarise(runs, ["d"], ["M"])["d"]["M"]}},
                                          {"preset": "x", "seeds": [1, 2], "machine": "m", "commit": "c"})
+
+
+def test_result_file_keeps_runs_of_a_concurrent_invocation(tmp_path: Path) -> None:
+    result_file = tmp_path / "quality_cpu.json"
+    mine = {"runs": {}}
+    other = {"runs": {}}
+    mine = _merge_result(result_file, mine, "d/seed1/ETEGRec", {"test": {"ndcg@10": 0.2}}, {"preset": "cpu"})
+    other = _merge_result(result_file, other, "d/seed1/TIGER-style", {"test": {"ndcg@10": 0.1}}, {"preset": "cpu"})
+    mine = _merge_result(result_file, mine, None, None, {"preset": "cpu"})
+    saved = json.loads(result_file.read_text())
+    assert set(saved["runs"]) == set(mine["runs"]) == {"d/seed1/ETEGRec", "d/seed1/TIGER-style"}
+    assert saved["runs"]["d/seed1/TIGER-style"]["test"]["ndcg@10"] == 0.1
 
 
 def test_flop_count_by_hand() -> None:

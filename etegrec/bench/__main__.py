@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from etegrec.bench.quality import MODELS
+
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m etegrec.bench", description=__doc__)
@@ -13,7 +15,7 @@ def main(argv: list[str]) -> None:
     q.add_argument("--datasets", nargs="+", default=["beauty", "scientific"], help="config/<name>.yaml datasets")
     q.add_argument("--preset", default="cpu", choices=["cpu", "paper", "tiny"], help="model size and schedule")
     q.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
-    q.add_argument("--models", nargs="+", default=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"])
+    q.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     q.add_argument("--out", default="bench_results", help="result folder (relative to the repository root)")
     s = sub.add_parser("speed", help="training/evaluation throughput, peak memory, HF generate comparison")
     s.add_argument("--dataset", default="beauty")
