@@ -16,9 +16,10 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class DatasetFiles:
         self.name = name
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "DatasetFiles":
+    def from_config(cls, cfg: Config) -> DatasetFiles:
         return cls(cfg.dataset_dir, cfg.data.dataset)
 
     def _p(self, suffix: str) -> Path:

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from etegrec.artifacts import (
-    STEP_PREPARE,
     SPLITS,
+    STEP_PREPARE,
     ArtifactError,
     DatasetFiles,
     collab_emb_path,

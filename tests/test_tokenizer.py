@@ -83,7 +83,7 @@ def test_quantizer_loss_and_gradient_by_hand() -> None:
     z = torch.tensor([[2.0, 1.0]], requires_grad=True)
     out = q(z)
     v1, v2 = z.detach()[0], z.detach()[0] - e1  # residuals (2, 1) and (1, 1)
-    mse = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
+    mse = lambda a, b: ((a - b) ** 2).mean()
     expected = ((1 + beta) * mse(e1, v1) + (1 + beta) * mse(e2, v2)) / 2  # mean over levels
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()

@@ -17,7 +17,8 @@ frequencies (K = perfectly uniform), and the Gini coefficient is the reference's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,12 +85,12 @@ def collision_stats(codes: Tensor, code_num: int) -> dict[str, Any]:
     """
     codes = codes.long().cpu()
     n = codes.shape[0]
-    inverse, counts = _groups(codes)
+    _, counts = _groups(codes)
     shared = int(counts[counts > 1].sum())
     out: dict[str, Any] = {
         "collision_rate": (n - len(counts)) / n,
         "collided_share": shared / n,
-        "n_distinct": int(len(counts)),
+        "n_distinct": len(counts),
         "max_group": int(counts.max()),
     }
     per_level = [level_stats(codes[:, l], code_num) for l in range(codes.shape[1])]

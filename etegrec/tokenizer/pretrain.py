@@ -189,7 +189,7 @@ class _BestKeeper:
 
 
 def _fmt(stats: dict[str, Any], levels: int) -> str:
-    lv = lambda key, f: "/".join(f % stats[f"{key}_l{l}"] for l in range(1, levels + 1))  # noqa: E731
+    lv = lambda key, f: "/".join(f % stats[f"{key}_l{l}"] for l in range(1, levels + 1))
     return (
         f"recon {stats['loss_recon']:.5f} rq {stats['loss_rq']:.5f} | collision {stats['collision_rate']:.4f} "
         f"(collided share {stats['collided_share']:.4f}, max group {stats['max_group']}; nearest code: "

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ class ResidualQuantizer(nn.Module):
         super().__init__()
         if not num_emb_list or any(int(k) < 1 for k in num_emb_list):
             raise ValueError(f"num_emb_list={list(num_emb_list)} must list at least one positive codebook size")
-        if len(set(int(k) for k in num_emb_list)) > 1:
+        if len({int(k) for k in num_emb_list}) > 1:
             raise ValueError(
                 f"num_emb_list={list(num_emb_list)}: every level must have the same codebook size (distances are "
                 "stacked per level and the recommender has one token table of code_num codes per level)"

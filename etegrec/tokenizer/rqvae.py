@@ -19,9 +19,11 @@ missing, unexpected or differently shaped tensor is an ``ArtifactError`` that li
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ class MLP(nn.Module):
         if len(dims) < 2:
             raise ValueError(f"an MLP needs at least input and output sizes, got dims={list(dims)}")
         mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
             mods += [nn.Dropout(p=dropout_prob), nn.Linear(a, b)]
             if i < len(dims) - 2:
                 if bn:
