@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
-from etegrec.bench.quality import REPORTED, _merge_result, markdown, run_quality, summarise
+from etegrec.bench.quality import REPORTED, _claim, _merge_result, markdown, run_quality, summarise
 from etegrec.bench.speed import t5_forward_flops
 from etegrec.config import ModelConfig
 
@@ -35,6 +36,22 @@ def test_result_file_keeps_runs_of_a_concurrent_invocation(tmp_path: Path) -> No
     saved = json.loads(result_file.read_text())
     assert set(saved["runs"]) == set(mine["runs"]) == {"d/seed1/ETEGRec", "d/seed1/TIGER-style"}
     assert saved["runs"]["d/seed1/TIGER-style"]["test"]["ndcg@10"] == 0.1
+
+
+def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "d__seed1__ETEGRec.pid").write_text(f"{other.pid}\n")
+        assert _claim(tmp_path, "d/seed1/ETEGRec") is None  # the other process holds it
+    finally:
+        other.kill()
+        other.wait()
+    lock = _claim(tmp_path, "d/seed1/ETEGRec")  # stale lock of a dead process: taken over
+    assert lock is not None and lock.read_text().strip() == str(os.getpid())
+    assert _claim(tmp_path, "d/seed1/TIGER-style") is not None
 
 
 def test_flop_count_by_hand() -> None:

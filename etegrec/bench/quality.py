@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -182,6 +183,27 @@ def _merge_result(result_file: Path, state: dict[str, Any], key: str | None, ent
     return merged
 
 
+def _claim(lock_dir: Path, key: str) -> Path | None:
+    """Mark run ``key`` as taken by this process; None when a live process already runs it.
+
+    Lets several invocations share one ``--out`` without training the same (dataset, seed, model) twice; a lock
+    left by a crashed process (its pid no longer exists) is taken over.
+    """
+    lock = lock_dir / (key.replace("/", "__") + ".pid")
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+            if pid != os.getpid():
+                os.kill(pid, 0)  # raises when no such process
+                return None
+        except (ValueError, ProcessLookupError):
+            pass  # unreadable or stale lock
+        except PermissionError:
+            return None  # the process exists (owned by someone else)
+    atomic_write_text(lock, f"{os.getpid()}\n")
+    return lock
+
+
 def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Run (or resume) the quality benchmark and write its JSON and Markdown results."""
     from tqdm import tqdm
@@ -199,11 +221,18 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         key = f"{dataset}/seed{seed}/{model}"
         if key in state["runs"]:
             continue  # finished in an earlier invocation
+        lock = _claim(out / "running", key)
+        if lock is None:
+            logger.info("benchmark run %s is running in another process; skipped here", key)
+            continue
         cfg = seed_config(dataset, args.preset, seed, out, overrides)
         _reuse_deterministic_files(cfg, seed_config(dataset, args.preset, args.seeds[0], out, overrides))
         logger.info("benchmark run %s", key)
         start = time.perf_counter()
-        result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
+        try:
+            result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
+        finally:
+            lock.unlink(missing_ok=True)
         entry = {k: v for k, v in result.items() if k in ("valid", "test", "checkpoint", "sft_valid", "sft_test")}
         entry["wall_s"] = round(time.perf_counter() - start, 1)
         state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
