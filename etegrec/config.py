@@ -298,6 +298,25 @@ class Config:
             )
         if t.tokenizer_input not in ("dual", "collab", "text"):
             raise ConfigError(f"tokenizer_input={t.tokenizer_input!r}; use one of: dual, collab, text")
+        positive = ("epochs", "batch_size", "eval_batch_size", "eval_step", "early_stop", "finetune_early_stop",
+                    "gradient_accumulation_steps", "bucket_window", "num_beams")
+        non_negative = ("finetune_epochs", "warmup_steps", "warm_epoch", "max_batch_tokens", "epoch_records",
+                        "max_grad_norm", "weight_decay", "num_workers")
+        loss_weights = ("id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss",
+                        "rec_dec_cl_loss", "alpha")
+        for key in positive:
+            if getattr(tr, key) < 1:
+                raise ConfigError(f"{key}={getattr(tr, key)} must be >= 1")
+        for key in non_negative:
+            if getattr(tr, key) < 0:
+                raise ConfigError(f"{key}={getattr(tr, key)} must be >= 0")
+        if tr.psa_tau <= 0:
+            raise ConfigError(f"psa_tau={tr.psa_tau} must be > 0 (the InfoNCE temperature; the reference uses 0.07)")
+        for key in loss_weights:
+            if getattr(tr, key) < 0:
+                raise ConfigError(f"{key}={getattr(tr, key)} is a loss weight and must be >= 0")
+        if tr.rec_code_loss == 0:
+            raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0")
         for name in tr.metrics:
             kind, _, k = name.partition("@")
             if kind not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:

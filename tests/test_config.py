@@ -79,6 +79,7 @@ def test_aliases() -> None:
         (["--code_length=5"], "set code_length=4"),
         (["--valid_metric=ndcg@20"], "valid_metric='ndcg@20' must be one of"),
         (["--cycle=3", "--eval_step=2"], "not a multiple of eval_step=2"),
+        (["--eval_step=0"], "eval_step=0 must be >= 1"),  # a range error, not a modulo-by-zero traceback
         (["--num_emb_list", "256", "128", "256"], "every codebook must have code_num"),
         (["--ablation=no_rec"], "ablation='no_rec'; use one of"),
         (["lr_rec=0.1"], "overrides look like --key=value"),

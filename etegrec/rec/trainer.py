@@ -96,7 +96,7 @@ class JointTrainer:
     """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
-        _check_ranges(cfg)
+        cfg.validate()  # also catches values set after loading (fail before loading anything)
         resume = read_joint(cfg.train.resume) if cfg.train.resume else None
         if resume is not None:
             cfg = _resume_config(cfg, resume)
@@ -580,19 +580,18 @@ class JointTrainer:
             tc.finetune_lr,
         )
 
+    def _plan(self, converged: bool) -> EpochPlan:
+        """What the current epoch trains (``converged``: the tokenizer is frozen for good)."""
+        tc = self.cfg.train
+        return plan_epoch(self.state.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
+                          converged=converged, weights=self.weights)
+
     def fit(self) -> dict[str, Any]:
         """Run (or continue) both stages, test the best model, return the metrics."""
         s, tc = self.state, self.cfg.train
         start = time.perf_counter()
         while s.stage == "alternating":
-            plan = plan_epoch(
-                s.epoch,
-                cycle=tc.cycle,
-                warm_epoch=tc.warm_epoch,
-                ablation=tc.ablation,
-                converged=False,
-                weights=self.weights,
-            )
+            plan = self._plan(converged=False)
             if any(plan.weights):
                 self._train_epoch(plan)
             if plan.refresh_codes:
@@ -611,14 +610,7 @@ class JointTrainer:
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
         while s.stage == "finetune":
-            plan = plan_epoch(
-                s.epoch,
-                cycle=tc.cycle,
-                warm_epoch=tc.warm_epoch,
-                ablation=tc.ablation,
-                converged=True,
-                weights=self.weights,
-            )
+            plan = self._plan(converged=True)
             self._train_epoch(plan)
             self._validate(plan.phase, tc.finetune_early_stop)
             s.epoch += 1
@@ -659,46 +651,6 @@ class JointTrainer:
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
-
-
-def _check_ranges(cfg: Config) -> None:
-    """Joint-training keys that must be positive (or non-negative); fail before loading anything."""
-    tc = cfg.train
-    positive = (
-        "epochs",
-        "batch_size",
-        "eval_batch_size",
-        "eval_step",
-        "early_stop",
-        "finetune_early_stop",
-        "gradient_accumulation_steps",
-        "bucket_window",
-        "num_beams",
-    )
-    non_negative = (
-        "finetune_epochs",
-        "warmup_steps",
-        "warm_epoch",
-        "max_batch_tokens",
-        "epoch_records",
-        "max_grad_norm",
-        "weight_decay",
-        "num_workers",
-    )
-    for key in positive:
-        if getattr(tc, key) < 1:
-            raise ConfigError(f"{key}={getattr(tc, key)} must be >= 1")
-    for key in non_negative:
-        if getattr(tc, key) < 0:
-            raise ConfigError(f"{key}={getattr(tc, key)} must be >= 0")
-    if tc.psa_tau <= 0:
-        raise ConfigError(f"psa_tau={tc.psa_tau} must be > 0 (the InfoNCE temperature; the reference uses 0.07)")
-    weights = ("id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss", "rec_dec_cl_loss", "alpha")
-    for key in weights:
-        if getattr(tc, key) < 0:
-            raise ConfigError(f"{key}={getattr(tc, key)} is a loss weight and must be >= 0")
-    if tc.rec_code_loss == 0:
-        raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0")
 
 
 def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
