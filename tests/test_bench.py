@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from etegrec.bench.quality import REPORTED, _claim, _merge_result, markdown, run_quality, summarise
+from etegrec.artifacts import DatasetFiles
+from etegrec.bench.quality import (
+    REPORTED,
+    _claim,
+    _merge_result,
+    _prepared_seed_folder,
+    _reuse_deterministic_files,
+    markdown,
+    run_quality,
+    seed_config,
+    summarise,
+)
 from etegrec.bench.speed import t5_forward_flops
 from etegrec.config import ModelConfig
 
@@ -79,3 +90,23 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
     # a second invocation resumes: nothing is re-run, the same result comes back
     again = run_quality(args, overrides)
     assert again["runs"] == saved["runs"]
+
+
+def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
+    # Seed 2021 prepared earlier; a run of seeds [2022] alone copies its step-1 files and text vectors, not its
+    # seed-dependent SASRec vectors.
+    prepared = DatasetFiles.from_config(seed_config("scientific", "tiny", 2021, tmp_path, []))
+    prepared.dir.mkdir(parents=True)
+    prepared.stats.write_text("{}")
+    (prepared.dir / f"{prepared.name}.train.inter").write_text("user_id:token\n")
+    (prepared.dir / f"{prepared.name}_sentence-transformer_text_384.npy").write_bytes(b"text")
+    (prepared.dir / f"{prepared.name}_sasrec_64.npy").write_bytes(b"sasrec")
+    source = _prepared_seed_folder("scientific", "tiny", tmp_path, [])
+    assert source is not None and source.train.seed == 2021
+
+    new = seed_config("scientific", "tiny", 2022, tmp_path, [])
+    _reuse_deterministic_files(new, source)
+    copied = sorted(p.name for p in DatasetFiles.from_config(new).dir.iterdir())
+    assert copied == sorted(["dataset_stats.json", f"{prepared.name}.train.inter",
+                             f"{prepared.name}_sentence-transformer_text_384.npy"])
+    assert _prepared_seed_folder("beauty", "tiny", tmp_path, []) is None

@@ -95,10 +95,22 @@ def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list
     return load_config(REPO_ROOT / "config" / f"{dataset}.yaml", argv)
 
 
-def _reuse_deterministic_files(cfg: Config, first: Config) -> None:
-    """Copy step-1 outputs and text vectors (identical for every seed) from the first seed's folder."""
-    src, dst = DatasetFiles.from_config(first), DatasetFiles.from_config(cfg)
-    if src.dir == dst.dir or not src.stats.is_file() or dst.stats.is_file():
+def _prepared_seed_folder(dataset: str, preset: str, out: Path, overrides: list[str]) -> Config | None:
+    """The config of an earlier seed of ``dataset`` whose step-1 outputs exist (any seed, lowest first)."""
+    seeds = sorted(int(p.name[4:]) for p in (out / preset / dataset).glob("seed*") if p.name[4:].isdigit())
+    for seed in seeds:
+        cfg = seed_config(dataset, preset, seed, out, overrides)
+        if DatasetFiles.from_config(cfg).stats.is_file():
+            return cfg
+    return None
+
+
+def _reuse_deterministic_files(cfg: Config, prepared: Config | None) -> None:
+    """Copy step-1 outputs and text vectors (identical for every seed) from a prepared seed's folder."""
+    if prepared is None:
+        return
+    src, dst = DatasetFiles.from_config(prepared), DatasetFiles.from_config(cfg)
+    if src.dir == dst.dir or dst.stats.is_file():
         return
     dst.dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.dir.iterdir()):
@@ -226,7 +238,7 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
             logger.info("benchmark run %s is running in another process; skipped here", key)
             continue
         cfg = seed_config(dataset, args.preset, seed, out, overrides)
-        _reuse_deterministic_files(cfg, seed_config(dataset, args.preset, args.seeds[0], out, overrides))
+        _reuse_deterministic_files(cfg, _prepared_seed_folder(dataset, args.preset, out, overrides))
         logger.info("benchmark run %s", key)
         start = time.perf_counter()
         try:
@@ -237,6 +249,8 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         entry["wall_s"] = round(time.perf_counter() - start, 1)
         state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
     state = _merge_result(result_file, state, None, None, meta)
+    meta["seeds"] = sorted({int(key.split("/")[1][4:]) for key in state["runs"]})  # every seed in the tables
+    state["meta"] = meta
     # The tables cover every finished run in the file, including other invocations' datasets and models.
     datasets = list(dict.fromkeys(key.split("/")[0] for key in state["runs"]))
     models = [m for m in MODELS if any(key.endswith(f"/{m}") for key in state["runs"])]
