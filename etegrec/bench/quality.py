@@ -42,7 +42,8 @@ PUBLISHED = {
 # Overrides applied on top of config/<dataset>.yaml. "paper" keeps the paper's model size and schedule.
 PRESETS: dict[str, list[str]] = {
     "paper": [],
-    # cpu, measured on Beauty: SASRec + RQ-VAE 25 min, TIGER-style 41 min, ETEGRec 35 min, GRPO 6 min (1 thread each).
+    # cpu, measured on Beauty over 3 seeds (1 thread each, two runs side by side on 2 cores): SASRec + RQ-VAE
+    # 22-25 min, TIGER-style 34-41 min, ETEGRec 27-35 min, GRPO 5-6 min.
     "cpu": [
         "--max_his_len=20", "--sasrec_hidden_size=64", "--sasrec_layers=2", "--sasrec_heads=2",
         "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=150",
