@@ -49,6 +49,13 @@ def test_result_file_keeps_runs_of_a_concurrent_invocation(tmp_path: Path) -> No
     assert saved["runs"]["d/seed1/TIGER-style"]["test"]["ndcg@10"] == 0.1
 
 
+def test_result_file_lists_the_seeds_of_all_its_runs(tmp_path: Path) -> None:
+    result_file = tmp_path / "quality_cpu.json"
+    state = _merge_result(result_file, {"runs": {}}, "d/seed2020/SASRec", {"test": {}}, {"seeds": [2020]})
+    state = _merge_result(result_file, state, "e/seed2022/SASRec", {"test": {}}, {"seeds": [2022]})
+    assert state["meta"]["seeds"] == json.loads(result_file.read_text())["meta"]["seeds"] == [2020, 2022]
+
+
 def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path: Path) -> None:
     import subprocess
     import sys

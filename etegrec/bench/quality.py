@@ -189,9 +189,11 @@ def _merge_result(result_file: Path, state: dict[str, Any], key: str | None, ent
     """Add one finished run to the result file, keeping runs that a concurrent invocation (e.g. another
     ``--models`` list on the same ``--out``) wrote since this one started."""
     on_disk = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
-    merged = {**state, "runs": {**state["runs"], **on_disk.get("runs", {})}, "meta": meta}
+    merged = {**state, "runs": {**state["runs"], **on_disk.get("runs", {})}}
     if key is not None:
         merged["runs"][key] = entry
+    # the seeds of every run in the file (other invocations' included), not only this invocation's --seeds
+    merged["meta"] = {**meta, "seeds": sorted({int(k.split("/")[1].removeprefix("seed")) for k in merged["runs"]})}
     atomic_write_json(result_file, merged)
     return merged
 
@@ -227,7 +229,7 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log")
     state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
-    meta = {"preset": args.preset, "seeds": args.seeds, "machine": machine_description(), "commit": _git_commit(),
+    meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
             "overrides": overrides}
     jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
     for dataset, seed, model in tqdm(jobs, desc="quality benchmark", unit="run"):
@@ -250,14 +252,12 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         entry["wall_s"] = round(time.perf_counter() - start, 1)
         state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
     state = _merge_result(result_file, state, None, None, meta)
-    meta["seeds"] = sorted({int(key.split("/")[1][4:]) for key in state["runs"]})  # every seed in the tables
-    state["meta"] = meta
     # The tables cover every finished run in the file, including other invocations' datasets and models.
     datasets = list(dict.fromkeys(key.split("/")[0] for key in state["runs"]))
     models = [m for m in MODELS if any(key.endswith(f"/{m}") for key in state["runs"])]
     state["summary"] = summarise(state["runs"], datasets, models)
     atomic_write_json(result_file, state)
-    table = markdown(state["summary"], meta)
+    table = markdown(state["summary"], state["meta"])
     atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
     print(table)
     return state
