@@ -171,6 +171,11 @@ class TrainConfig:
     eval_step: int = _f(2, "validate every eval_step epochs")
     early_stop: int = _f(15, "evaluations without improvement before the phase stops")
     warm_epoch: int = _f(10, "first epochs with the alignment losses switched off")
+    warm_phase: str = _f(
+        "tokenizer",
+        "what a cycle's first epoch trains inside warm_epoch: tokenizer (L_SQ alone, as the reference) | "
+        "recommender (the pretrained item IDs stay fixed until alignment starts)",
+    )
     id_vq_loss: float = _f(1.0, "tokenizer phase: weight of the semantic quantisation loss L_SQ")
     id_kl_loss: float = _f(0.0001, "tokenizer phase: weight mu of sequence-item alignment (SIA)")
     id_dec_cl_loss: float = _f(0.0003, "tokenizer phase: weight lambda of preference-semantic alignment (PSA)")
@@ -332,6 +337,8 @@ class Config:
                 f"cycle={tr.cycle} is not a multiple of eval_step={tr.eval_step}; evaluations must fall at the "
                 "end of a cycle (after a recommender epoch). Set eval_step to a divisor of cycle"
             )
+        if tr.warm_phase not in ("tokenizer", "recommender"):
+            raise ConfigError(f"warm_phase={tr.warm_phase!r}; use tokenizer or recommender")
         ablations = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
         if tr.ablation not in ablations:
             raise ConfigError(f"ablation={tr.ablation!r}; use one of: {', '.join(ablations)}")

@@ -82,6 +82,7 @@ def test_aliases() -> None:
         (["--eval_step=0"], "eval_step=0 must be >= 1"),  # a range error, not a modulo-by-zero traceback
         (["--num_emb_list", "256", "128", "256"], "every codebook must have code_num"),
         (["--ablation=no_rec"], "ablation='no_rec'; use one of"),
+        (["--warm_phase=rec"], "warm_phase='rec'; use tokenizer or recommender"),
         (["lr_rec=0.1"], "overrides look like --key=value"),
     ],
 )

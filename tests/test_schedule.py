@@ -45,6 +45,17 @@ def test_warm_up_switches_alignment_off() -> None:
     assert p[2].weights.sia == 0.1 and p[3].weights.psa == 0.03
 
 
+def test_warm_phase_recommender_keeps_the_pretrained_ids_until_alignment_starts() -> None:
+    p = plans(6, warm_epoch=4, warm_phase="recommender")
+    assert [x.phase for x in p] == ["recommender"] * 4 + ["tokenizer", "recommender"]
+    assert not any(x.refresh_codes or x.train_tokenizer for x in p[:4])  # no ID changes inside warm_epoch
+    assert all(x.weights == LossWeights(rec=2.0) for x in p[:4])  # L_REC alone while warm
+    assert p[4].weights == LossWeights(sq=1.0, sia=0.1, psa=0.3)
+    # LR schedules are sized by the epochs each model really trains
+    assert training_epochs(6, cycle=2, ablation="none", warm_epoch=4, warm_phase="recommender") == (1, 5)
+    assert training_epochs(6, cycle=2, ablation="none", warm_epoch=4) == (3, 3)
+
+
 @pytest.mark.parametrize(
     "ablation, tok_weights, rec_weights",
     [

@@ -12,7 +12,10 @@ Phases:
                   keys); codes recomputed after every epoch.
 * ``finetune``    once the alternating phase has converged: tokenizer frozen for good, L_REC only.
 
-Epochs before ``warm_epoch`` have SIA and PSA switched off (reference behaviour). Ablations (paper Table 4):
+Epochs before ``warm_epoch`` have SIA and PSA switched off (reference behaviour); with ``warm_phase="recommender"``
+the cycle's first epoch trains the recommender there too, so the pretrained item IDs stay fixed until the
+alignment losses give the tokenizer a recommendation signal (the reference trains L_SQ alone, which re-assigns
+IDs the recommender has just learnt without any such signal). Ablations (paper Table 4):
 ``no_sia``/``no_psa``/``no_align`` zero the matching weights; ``no_ete`` keeps the pretrained tokenizer frozen
 and trains the recommender on L_REC only (TIGER-style). Terms with weight 0 are never computed by the trainer.
 
@@ -64,7 +67,14 @@ class EpochPlan(NamedTuple):
 
 
 def plan_epoch(
-    epoch: int, *, cycle: int, warm_epoch: int, ablation: str, converged: bool, weights: ConfigWeights
+    epoch: int,
+    *,
+    cycle: int,
+    warm_epoch: int,
+    ablation: str,
+    converged: bool,
+    weights: ConfigWeights,
+    warm_phase: str = "tokenizer",
 ) -> EpochPlan:
     """The plan of ``epoch`` (0-based, counted within the alternating phase; ignored once converged).
 
@@ -75,6 +85,7 @@ def plan_epoch(
         ablation: one of ``ABLATIONS``.
         converged: the tokenizer is frozen for good (finetune phase).
         weights: configured loss weights.
+        warm_phase: what a cycle's first epoch trains before ``warm_epoch``: ``tokenizer`` | ``recommender``.
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation={ablation!r}; use one of: {', '.join(ABLATIONS)}")
@@ -87,7 +98,7 @@ def plan_epoch(
             "joint",
             LossWeights(weights.rec_code_loss, weights.id_vq_loss, weights.rec_kl_loss, weights.rec_dec_cl_loss),
         )
-    elif epoch % cycle == 0:
+    elif epoch % cycle == 0 and (epoch >= warm_epoch or warm_phase == "tokenizer"):
         phase, w = "tokenizer", LossWeights(0.0, weights.id_vq_loss, weights.id_kl_loss, weights.id_dec_cl_loss)
     else:
         phase, w = "recommender", LossWeights(weights.rec_code_loss, 0.0, weights.rec_kl_loss, weights.rec_dec_cl_loss)
@@ -106,12 +117,13 @@ def plan_epoch(
     )
 
 
-def training_epochs(epochs: int, *, cycle: int, ablation: str) -> tuple[int, int]:
+def training_epochs(
+    epochs: int, *, cycle: int, ablation: str, warm_epoch: int = 0, warm_phase: str = "tokenizer"
+) -> tuple[int, int]:
     """(epochs that train the tokenizer, epochs that train the recommender) in an alternating phase of ``epochs``."""
     plans = [
-        plan_epoch(
-            e, cycle=cycle, warm_epoch=0, ablation=ablation, converged=False, weights=ConfigWeights(1, 1, 1, 1, 1, 1)
-        )
+        plan_epoch(e, cycle=cycle, warm_epoch=warm_epoch, ablation=ablation, converged=False,
+                   weights=ConfigWeights(1, 1, 1, 1, 1, 1), warm_phase=warm_phase)
         for e in range(epochs)
     ]
     return sum(p.train_tokenizer for p in plans), sum(p.train_recommender for p in plans)

@@ -188,7 +188,9 @@ class JointTrainer:
 
         # ---- optimizers and schedules, sized by the steps each optimizer takes
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.gradient_accumulation_steps)
-        tok_epochs, rec_epochs = training_epochs(tc.epochs, cycle=tc.cycle, ablation=tc.ablation)
+        tok_epochs, rec_epochs = training_epochs(
+            tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
+        )
         self.rec_opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr_rec, weight_decay=tc.weight_decay)
         self.id_opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=tc.lr_id, weight_decay=tc.weight_decay)
         self.rec_sched = self._scheduler(self.rec_opt, tc.warmup_steps, rec_epochs * self.steps_per_epoch, "rec")
@@ -584,7 +586,7 @@ class JointTrainer:
         """What the current epoch trains (``converged``: the tokenizer is frozen for good)."""
         tc = self.cfg.train
         return plan_epoch(self.state.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
-                          converged=converged, weights=self.weights)
+                          converged=converged, weights=self.weights, warm_phase=tc.warm_phase)
 
     def fit(self) -> dict[str, Any]:
         """Run (or continue) both stages, test the best model, return the metrics."""
