@@ -25,6 +25,7 @@ from etegrec.tokenizer import (
     sinkhorn_codes,
 )
 from etegrec.tokenizer.pretrain import resolve_rqvae_path, run
+from etegrec.tokenizer.quantizer import grouped_sinkhorn_codes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +123,20 @@ def test_sinkhorn_balances_code_usage() -> None:
     balanced = torch.bincount(sinkhorn_codes(d, 0.003, 50), minlength=8)
     assert int(plain.max()) > 8
     assert balanced.tolist() == [8] * 8  # capacity ceil(64 / 8) per code
+
+
+def test_grouped_sinkhorn_equals_one_call_per_group() -> None:
+    """The batched pass gives every group exactly what balancing that group alone gives."""
+    torch.manual_seed(0)
+    sizes = [1, 3, 17, 40, 9, 64]
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (R,)
+    group = group[torch.randperm(len(group))]  # members of a group are not contiguous
+    d = torch.rand(len(group), 8) * torch.rand(len(group), 1) * 5  # (R, 8) groups on different scales
+    together = grouped_sinkhorn_codes(d, group, 0.003, 50)
+    for g, size in enumerate(sizes):
+        rows = torch.nonzero(group == g).flatten()
+        assert torch.equal(together[rows], sinkhorn_codes(d[rows], 0.003, 50))
+        assert int(torch.bincount(together[rows], minlength=8).max()) <= -(-size // 8)  # capacity ceil(g / K)
 
 
 def test_sinkhorn_lowers_collisions_on_near_duplicates() -> None:

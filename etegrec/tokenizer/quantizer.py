@@ -75,39 +75,84 @@ def code_log_probs(distances: Tensor) -> Tensor:
     return F.log_softmax(-distances, dim=-1)
 
 
-def _round_with_capacity(scores: Tensor, cap: int) -> Tensor:
-    """Hard assignment from a transport plan: each row its best code, no code above ``cap`` rows.
+def _group_logsumexp(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """Log-sum-exp over each group's rows: (R, K) values, (R,) group ids in [0, G) -> (G, K)."""
+    index = group.unsqueeze(1).expand_as(values)  # (R, K)
+    peak = torch.full((n_groups, values.shape[1]), -math.inf, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, index, values, reduce="amax")  # (G, K) every group has >= 1 row: finite
+    total = torch.zeros_like(peak).index_add_(0, group, (values - peak[group]).exp())  # (G, K)
+    return peak + total.log()
 
-    Rows propose their best code that still has room; a code keeps its ``remaining`` best-scoring proposers
-    (ties: lower row index) and rejects the rest, who propose again next round. Ends within K rounds.
+
+def _round_with_capacity(scores: Tensor, group: Tensor, cap: Tensor) -> Tensor:
+    """Hard assignment from transport plans: each row its best code, no code above its group's ``cap`` rows.
+
+    Rows propose their best code that still has room in their group; a (group, code) bin keeps its ``remaining``
+    best-scoring proposers (ties: lower row index) and rejects the rest, who propose again next round. Groups
+    never compete, so all of them are rounded in the same rounds (at most K).
 
     Args:
-        scores: (B, K) log plan values (higher = preferred).
-        cap: capacity per code, with ``cap * K >= B``.
+        scores: (R, K) log plan values (higher = preferred).
+        group: (R,) group id of each row, in [0, G).
+        cap: (G,) capacity per code in each group, with ``cap[g] * K >= rows of g``.
 
     Returns:
-        (B,) long codes.
+        (R,) long codes.
     """
     n, k = scores.shape
     codes = torch.full((n,), -1, dtype=torch.long, device=scores.device)
-    remaining = torch.full((k,), cap, dtype=torch.long, device=scores.device)
+    remaining = cap.unsqueeze(1).expand(-1, k).reshape(-1).clone()  # (G*K,) room left per (group, code) bin
     active = torch.arange(n, device=scores.device)  # rows still unassigned
     while active.numel():
-        s = scores[active].masked_fill((remaining == 0).unsqueeze(0), float("-inf"))  # (A, K)
-        best, choice = s.max(dim=1)  # (A,), (A,)
+        row_group = group[active]  # (A,)
+        full = remaining.view(-1, k)[row_group] == 0  # (A, K) codes without room in the row's group
+        best, choice = scores[active].masked_fill(full, float("-inf")).max(dim=1)  # (A,), (A,)
+        bins = row_group * k + choice  # (A,) flat (group, code) bin
         order = torch.argsort(-best, stable=True)  # best proposals first
-        order = order[torch.argsort(choice[order], stable=True)]  # grouped by code, best first inside
-        chosen = choice[order]  # (A,)
-        counts = torch.bincount(chosen, minlength=k)  # (K,)
+        order = order[torch.argsort(bins[order], stable=True)]  # grouped by bin, best first inside
+        chosen = bins[order]  # (A,)
+        counts = torch.bincount(chosen, minlength=remaining.numel())  # (G*K,)
         rank = torch.arange(len(order), device=scores.device) - (torch.cumsum(counts, 0) - counts)[chosen]
         accept = rank < remaining[chosen]  # (A,)
-        codes[active[order[accept]]] = chosen[accept]
-        remaining -= torch.bincount(chosen[accept], minlength=k)
+        codes[active[order[accept]]] = choice[order[accept]]
+        remaining -= torch.bincount(chosen[accept], minlength=remaining.numel())
         active = active[order[~accept]]
     return codes
 
 
-@torch.no_grad()
+def grouped_sinkhorn_codes(distances: Tensor, group: Tensor, epsilon: float, iters: int) -> Tensor:
+    """``sinkhorn_codes`` applied to every group of rows at once (one batched pass, no loop over groups).
+
+    Args:
+        distances: (R, K) squared distances.
+        group: (R,) group id of each row, ids 0..G-1 all present.
+        epsilon: entropic regularisation (> 0).
+        iters: scaling rounds.
+
+    Returns:
+        (R,) long codes, each group balanced on its own.
+    """
+    if epsilon <= 0:
+        raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}; use 0 in sk_epsilons to switch it off")
+    d = distances.detach().double()  # (R, K)
+    n_groups, k = int(group.max()) + 1, d.shape[1]
+    rows = group.unsqueeze(1)  # (R, 1)
+    lo = torch.full((n_groups,), math.inf, dtype=d.dtype, device=d.device).scatter_reduce(
+        0, group, d.min(dim=1).values, reduce="amin")  # (G,) per-group minimum
+    hi = torch.full((n_groups,), -math.inf, dtype=d.dtype, device=d.device).scatter_reduce(
+        0, group, d.max(dim=1).values, reduce="amax")  # (G,)
+    d = 2.0 * (d - lo[rows]) / (hi - lo).clamp_min(1e-12)[rows] - 1.0  # (R, K) in [-1, 1] per group
+    log_k = -d / epsilon  # (R, K) log kernel
+    sizes = torch.bincount(group, minlength=n_groups)  # (G,)
+    log_rows = sizes.double().log()[rows]  # (R, 1) log of the row's group size
+    u = torch.zeros(len(d), 1, dtype=d.dtype, device=d.device)  # (R, 1) row log-scalings
+    v = torch.zeros(n_groups, k, dtype=d.dtype, device=d.device)  # (G, K) column log-scalings per group
+    for _ in range(iters):
+        u = -torch.logsumexp(log_k + v[group], dim=1, keepdim=True) - log_rows  # rows sum to 1/g
+        v = -_group_logsumexp(log_k + u, group, n_groups) - math.log(k)  # columns sum to 1/K
+    return _round_with_capacity(log_k + u + v[group], group, (sizes + k - 1) // k)  # (R,)
+
+
 def sinkhorn_codes(distances: Tensor, epsilon: float, iters: int) -> Tensor:
     """Balanced code assignment by Sinkhorn-Knopp on one level's distances.
 
@@ -126,19 +171,8 @@ def sinkhorn_codes(distances: Tensor, epsilon: float, iters: int) -> Tensor:
     Returns:
         (B,) long codes.
     """
-    if epsilon <= 0:
-        raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}; use 0 in sk_epsilons to switch it off")
-    d = distances.detach().double()  # (B, K)
-    lo, hi = d.min(), d.max()
-    d = 2.0 * (d - lo) / (hi - lo).clamp_min(1e-12) - 1.0  # (B, K) in [-1, 1]
-    log_k = -d / epsilon  # (B, K) log kernel
-    n, k = log_k.shape
-    u = torch.zeros(n, 1, dtype=log_k.dtype, device=log_k.device)  # (B, 1) row log-scalings
-    v = torch.zeros(1, k, dtype=log_k.dtype, device=log_k.device)  # (1, K) column log-scalings
-    for _ in range(iters):
-        u = -torch.logsumexp(log_k + v, dim=1, keepdim=True) - math.log(n)  # rows sum to 1/B
-        v = -torch.logsumexp(log_k + u, dim=0, keepdim=True) - math.log(k)  # columns sum to 1/K
-    return _round_with_capacity(log_k + u + v, math.ceil(n / k))  # (B,)
+    group = torch.zeros(distances.shape[0], dtype=torch.long, device=distances.device)  # (B,) one group
+    return grouped_sinkhorn_codes(distances, group, epsilon, iters)
 
 
 @torch.no_grad()
@@ -149,6 +183,8 @@ def balanced_codes(distances: Tensor, prefix: Tensor | None, epsilon: float, ite
     whose nearest codes put more than ``ceil(g / K)`` of them on one code is re-assigned with
     ``sinkhorn_codes``. At the first level (``prefix`` None) the whole batch is one group (usage balance, as
     in the reference); at the last level a group of <= K vectors gets distinct codes, which removes collisions.
+    All overfull groups are re-assigned in one batched pass (``grouped_sinkhorn_codes``): a loop over groups
+    cost about 500 small GPU kernels per group, seconds per batch on a GPU.
 
     Args:
         distances: (B, K) squared distances at this level.
@@ -167,10 +203,11 @@ def balanced_codes(distances: Tensor, prefix: Tensor | None, epsilon: float, ite
         group = torch.unique(prefix, dim=0, return_inverse=True)[1]  # (B,)
     sizes = torch.bincount(group)  # (G,)
     load = torch.bincount(group * k + codes, minlength=len(sizes) * k).view(-1, k)  # (G, K)
-    cap = (sizes + k - 1) // k  # (G,)
-    for g in torch.nonzero(load.max(dim=1).values > cap).flatten().tolist():
-        members = torch.nonzero(group == g).flatten()  # (g,)
-        codes[members] = sinkhorn_codes(distances[members], epsilon, iters)
+    overfull = load.max(dim=1).values > (sizes + k - 1) // k  # (G,)
+    members = torch.nonzero(overfull[group]).flatten()  # (R,) rows of overfull groups, ascending
+    if members.numel():
+        renumbered = torch.cumsum(overfull.long(), 0) - 1  # (G,) id among the overfull groups
+        codes[members] = grouped_sinkhorn_codes(distances[members], renumbered[group[members]], epsilon, iters)
     return codes
 
 
