@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.config import REPO_ROOT, Config, load_from_argv  # noqa: E402
-from etegrec.tokenizer import pretrain  # noqa: E402
+from etegrec.config import REPO_ROOT, Config, load_from_argv
+from etegrec.tokenizer import pretrain
 
 DEFAULT_CONFIG = "config/Instrument2018_5090.yaml"  # used without --config when it exists (else built-in defaults)
 ALIASES = {

@@ -135,8 +135,8 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
 
 def markdown(result: dict[str, Any]) -> str:
     """The speed tables."""
-    lines = [f"Dataset `{result['dataset']}`, model {result['model']}, machine: {result['machine']}, fp32 matmul "
-             f"{result['matmul_gflops']:.0f} GFLOP/s.", ""]
+    lines = [(f"Dataset `{result['dataset']}`, model {result['model']}, machine: {result['machine']}, fp32 matmul "
+              f"{result['matmul_gflops']:.0f} GFLOP/s."), ""]
     if "train" in result:
         lines += ["| training phase | sequences/s | useful-FLOP utilisation |", "|---|---|---|"]
         for phase, r in result["train"].items():
