@@ -218,3 +218,16 @@ def test_benchmark_hooks_count_real_tokens(tmp_path, accelerator) -> None:
     batches = joint.benchmark_eval_batches("test", 20)
     lengths = torch.cat([(b >= 0).sum(1) for b in batches])
     assert len(lengths) == 20 and torch.equal(lengths, lengths.sort().values)
+
+
+def test_code_refresh_logs_the_level_where_each_id_first_changes(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    logged = {}
+    joint.tb.scalars = lambda step, values, prefix="": logged.update(values)
+    level2 = joint.tokenizer.rq.codebooks[1].weight
+    with torch.no_grad():
+        level2.copy_(level2.roll(1, dims=0))  # same vectors, every index shifted: level-2 codes change, nothing else
+    joint._refresh_codes()
+    assert logged["churn_first_level1"] == 0.0 and logged["churn_first_level3"] == 0.0
+    assert logged["churn_first_level2"] == logged["prefix_churn"] == 1.0

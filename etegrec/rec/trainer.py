@@ -460,20 +460,27 @@ class JointTrainer:
             from accelerate.utils import broadcast
 
             new = broadcast(new.to(self.device), from_process=0).cpu()  # bitwise-identical tables everywhere
-        churn = float((new != self.codes.codes).any(dim=1).double().mean())
-        prefix_churn = float((new[:, :-1] != self.codes.codes[:, :-1]).any(dim=1).double().mean())
+        changed = new != self.codes.codes  # (N, C) per item and token
+        churn = float(changed.any(dim=1).double().mean())
+        prefix_churn = float(changed[:, :-1].any(dim=1).double().mean())
+        # share of items whose first changed token is at level l (they sum to prefix_churn)
+        kept = torch.cumprod((~changed[:, :-1]).long(), dim=1)  # (N, C-1) 1 while levels 1..l are all unchanged
+        kept_before = torch.cat([torch.ones_like(kept[:, :1]), kept[:, :-1]], dim=1).bool()  # levels 1..l-1
+        first_change = (changed[:, :-1] & kept_before).double().mean(dim=0).tolist()  # (C-1,)
         self.codes.update(new)
         shown = {
             "churn": churn,
             "prefix_churn": prefix_churn,
+            **{f"churn_first_level{level + 1}": share for level, share in enumerate(first_change)},
             **{k: v for k, v in stats.items() if isinstance(v, (int, float))},
         }
         self.tb.scalars(self.state.epochs_done, shown, prefix="codes/")
         logger.info(
-            "item codes recomputed: churn %.4f (prefix %.4f), collision rate %.4f, max group %d, gini %.3f, "
-            "min usage %.3f",
+            "item codes recomputed: churn %.4f (prefix %.4f; first change at level 1/2/...: %s), collision rate "
+            "%.4f, max group %d, gini %.3f, min usage %.3f",
             churn,
             prefix_churn,
+            "/".join(f"{share:.4f}" for share in first_change),
             stats["collision_rate"],
             stats["max_group"],
             stats["gini"],
