@@ -464,9 +464,9 @@ class JointTrainer:
         churn = float(changed.any(dim=1).double().mean())
         prefix_churn = float(changed[:, :-1].any(dim=1).double().mean())
         # share of items whose first changed token is at level l (they sum to prefix_churn)
-        kept = torch.cumprod((~changed[:, :-1]).long(), dim=1)  # (N, C-1) 1 while levels 1..l are all unchanged
-        kept_before = torch.cat([torch.ones_like(kept[:, :1]), kept[:, :-1]], dim=1).bool()  # levels 1..l-1
-        first_change = (changed[:, :-1] & kept_before).double().mean(dim=0).tolist()  # (C-1,)
+        moved = changed[:, :-1].any(dim=1)  # (N,)
+        first_level = changed[:, :-1].long().argmax(dim=1)[moved]  # (M,) index of the first True
+        first_change = (torch.bincount(first_level, minlength=changed.shape[1] - 1) / len(changed)).tolist()
         self.codes.update(new)
         shown = {
             "churn": churn,

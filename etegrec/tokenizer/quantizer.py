@@ -122,6 +122,7 @@ def _round_with_capacity(scores: Tensor, group: Tensor, cap: Tensor) -> Tensor:
     return codes
 
 
+@torch.no_grad()
 def grouped_sinkhorn_codes(distances: Tensor, group: Tensor, epsilon: float, iters: int) -> Tensor:
     """``sinkhorn_codes`` applied to every group of rows at once (one batched pass, no loop over groups).
 
