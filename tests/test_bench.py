@@ -18,6 +18,7 @@ from etegrec.bench.quality import (
     _prepared_seed_folder,
     _reuse_deterministic_files,
     markdown,
+    matched_recommender_epochs,
     run_quality,
     seed_config,
     summarise,
@@ -72,6 +73,17 @@ def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path: Path) -> None:
     assert _claim(tmp_path, "d/seed1/TIGER-style") is not None
 
 
+def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) -> None:
+    # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 16 alternating epochs hold 8 recommender epochs
+    cpu = seed_config("scientific", "cpu", 1, tmp_path, [])
+    assert (cpu.train.epochs, cpu.train.cycle) == (16, 2) and matched_recommender_epochs(cpu) == 8
+    # cycle 4: one tokenizer epoch, three recommender epochs per cycle
+    assert matched_recommender_epochs(seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])) == 12
+    # warm_phase=recommender: the first cycle's tokenizer epochs inside warm_epoch=4 train the recommender too
+    warm_rec = seed_config("scientific", "cpu", 1, tmp_path, ["--warm_phase=recommender"])
+    assert matched_recommender_epochs(warm_rec) == 10
+
+
 def test_flop_count_by_hand() -> None:
     # 1 encoder layer, 0 decoder layers, d=2, inner=2 (1 head x 2), d_ff=4, K=3; one sequence of 2 encoder
     # tokens and 1 decoder token: encoder 2 * (4*2*2 + 2*2*4 + 2*2*2) = 2 * 40 = 80 MACs; classifier 1*2*3 = 6.
@@ -93,6 +105,8 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
         for metric in REPORTED:
             assert 0.0 <= run["test"][metric] <= 1.0 and math.isfinite(run["test"][metric])
         assert saved["summary"]["scientific"][model]["recall@10"]["n"] == 1
+    limits = {m: saved["runs"][f"scientific/seed1/{m}"]["recommender_epoch_limit"] for m in ("TIGER-style", "ETEGRec")}
+    assert limits == {"TIGER-style": 1, "ETEGRec": 1}  # tiny preset: 2 alternating epochs, cycle 2
     assert (tmp_path / "quality_tiny.md").read_text().count("| ") > 4
     # a second invocation resumes: nothing is re-run, the same result comes back
     again = run_quality(args, overrides)

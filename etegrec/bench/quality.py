@@ -5,6 +5,11 @@ For each dataset and seed, the whole pipeline runs in its own folder ``<out>/<pr
 preparation and text vectors are copied from the first seed's folder instead of being recomputed. Each
 finished (dataset, seed, model) result is stored at once in ``quality_<preset>.json``; a re-run skips
 finished entries (resume after an interruption by running the same command again).
+
+Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
+does (``matched_recommender_epochs``: 8 of the ``cpu`` preset's 16 with ``cycle=2``) and the same finetune
+phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
+cost (see ``wall_s``).
 """
 
 from __future__ import annotations
@@ -120,6 +125,24 @@ def _reuse_deterministic_files(cfg: Config, prepared: Config | None) -> None:
             shutil.copy2(path, dst.dir / path.name)
 
 
+def training_epochs_of(cfg: Config) -> tuple[int, int]:
+    """(tokenizer epochs, recommender epochs) of the alternating phase ``cfg`` describes."""
+    from etegrec.rec.schedule import training_epochs
+
+    tc = cfg.train
+    return training_epochs(tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch,
+                           warm_phase=tc.warm_phase)
+
+
+def matched_recommender_epochs(cfg: Config) -> int:
+    """Epochs for the TIGER-style ablation: as many recommender epochs as ETEGRec's alternating phase trains.
+
+    With ``cycle=2`` ETEGRec trains the recommender in half of its ``epochs``; giving the ablation all of them
+    would hand it twice the recommender updates (and more wall time) under the name "same budget".
+    """
+    return max(1, training_epochs_of(cfg)[1])
+
+
 def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) -> dict[str, Any]:
     """Train/evaluate one model; returns {"valid": {...}, "test": {...}, ...}."""
     from etegrec.pipeline import build_missing
@@ -133,9 +156,12 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
     if model in ("TIGER-style", "ETEGRec"):
         from etegrec.rec.trainer import run as train_joint
 
-        cfg.train.ablation = "no_ete" if model == "TIGER-style" else cfg.train.ablation
+        if model == "TIGER-style":
+            cfg.train.epochs = matched_recommender_epochs(cfg)
+            cfg.train.ablation = "no_ete"
         result = train_joint(cfg, accelerator)
-        return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"]}
+        return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"],
+                "recommender_epoch_limit": training_epochs_of(cfg)[1]}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -248,7 +274,8 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
             result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
         finally:
             lock.unlink(missing_ok=True)
-        entry = {k: v for k, v in result.items() if k in ("valid", "test", "checkpoint", "sft_valid", "sft_test")}
+        kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
+        entry = {k: v for k, v in result.items() if k in kept}
         entry["wall_s"] = round(time.perf_counter() - start, 1)
         state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
     state = _merge_result(result_file, state, None, None, meta)
