@@ -47,8 +47,15 @@ def make_accelerator(**kwargs: Any):
     return Accelerator(**kwargs)
 
 
-def setup_logging(log_file: Path | None = None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
-    """Console logging (main process only) plus an optional log file; idempotent."""
+def setup_logging(
+    log_file: Path | None = None, is_main: bool = True, level: int = logging.INFO, *, keep_for_session: bool = False
+) -> logging.Logger:
+    """Console logging (main process only) plus an optional log file; idempotent.
+
+    A log file belongs to one run: a later call with another file (the next stage that ``main.py`` builds, the
+    next benchmark run) closes it, so each file holds its own run only. ``keep_for_session=True`` opens a file
+    that stays attached for the whole process and receives every later run's lines too (a benchmark's log).
+    """
     root = logging.getLogger("etegrec")
     root.setLevel(level if is_main else logging.WARNING)
     root.propagate = False
@@ -57,13 +64,22 @@ def setup_logging(log_file: Path | None = None, is_main: bool = True, level: int
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(fmt)
         root.addHandler(console)
-    if log_file is not None and is_main:
-        log_file = Path(log_file)
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve() for h in root.handlers):
-            fh = logging.FileHandler(log_file, encoding="utf-8")
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
+    if log_file is None or not is_main:
+        return root
+    log_file = Path(os.path.abspath(log_file))  # as FileHandler stores it
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    if any(Path(h.baseFilename) == log_file for h in files):
+        return root
+    if not keep_for_session:
+        for handler in files:
+            if not getattr(handler, "etegrec_session", False):  # the previous run's file
+                root.removeHandler(handler)
+                handler.close()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(fmt)
+    handler.etegrec_session = keep_for_session
+    root.addHandler(handler)
     return root
 
 

@@ -253,7 +253,7 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
 
     out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
     result_file = out / f"quality_{args.preset}.json"
-    setup_logging(out / f"quality_{args.preset}.log")
+    setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
     meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
             "overrides": overrides}

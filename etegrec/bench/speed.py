@@ -167,7 +167,7 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
     out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
     result_file = out / f"speed_{args.dataset}.json"
-    setup_logging(out / f"speed_{args.dataset}.log")
+    setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     cfg = load_config(
         REPO_ROOT / "config" / f"{args.dataset}.yaml",
         [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}", f"--log_dir={out / 'speed_logs'}",

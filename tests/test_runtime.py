@@ -1,0 +1,41 @@
+"""Process setup: each run's log file holds that run only; a session log holds every run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from etegrec.runtime import setup_logging
+
+
+@pytest.fixture
+def clean_etegrec_logger() -> Iterator[None]:
+    """Restore the package logger's handlers after the test (other tests log through it too)."""
+    root = logging.getLogger("etegrec")
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers:
+        if handler not in before:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def test_a_new_run_log_replaces_the_previous_run_log(tmp_path: Path, clean_etegrec_logger: None) -> None:
+    log = logging.getLogger("etegrec.test")
+    setup_logging(tmp_path / "bench.log", keep_for_session=True)
+    setup_logging(tmp_path / "sasrec.log")
+    log.info("sasrec line")
+    setup_logging(tmp_path / "sasrec.log")  # the same file again: still one handler, no duplicated lines
+    log.info("sasrec second line")
+    setup_logging(tmp_path / "joint.log")
+    log.info("joint line")
+
+    assert (tmp_path / "sasrec.log").read_text().splitlines()[-1].endswith("sasrec second line")
+    assert "joint line" not in (tmp_path / "sasrec.log").read_text()
+    assert (tmp_path / "sasrec.log").read_text().count("sasrec line") == 1
+    assert [line.split(": ", 1)[1] for line in (tmp_path / "joint.log").read_text().splitlines()] == ["joint line"]
+    assert [line.split(": ", 1)[1] for line in (tmp_path / "bench.log").read_text().splitlines()] == [
+        "sasrec line", "sasrec second line", "joint line"]
