@@ -48,7 +48,8 @@ PUBLISHED = {
 PRESETS: dict[str, list[str]] = {
     "paper": [],
     # cpu, measured on Beauty over 3 seeds (1 thread each, two runs side by side on 2 cores): SASRec + RQ-VAE
-    # 22-25 min, TIGER-style 34-41 min, ETEGRec 27-35 min, GRPO 5-6 min.
+    # 22-25 min, TIGER-style 34-41 min (16 recommender epochs; matched to ETEGRec's 8 since 96f8b36), ETEGRec
+    # 27-35 min, GRPO 5-6 min.
     "cpu": [
         "--max_his_len=20", "--sasrec_hidden_size=64", "--sasrec_layers=2", "--sasrec_heads=2",
         "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=150",
