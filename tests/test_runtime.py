@@ -17,7 +17,7 @@ def clean_etegrec_logger() -> Iterator[None]:
     root = logging.getLogger("etegrec")
     before = list(root.handlers)
     yield
-    for handler in root.handlers:
+    for handler in list(root.handlers):  # a copy: removing while iterating would skip handlers
         if handler not in before:
             root.removeHandler(handler)
             handler.close()
