@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from etegrec.config import ConfigError, load_from_argv
-from etegrec.prep.amazon import PrepError, run
+from etegrec.prep.prepare import run
+from etegrec.prep.reading import PrepError
 from etegrec.runtime import setup_logging
 
 AMAZON_2023 = ["--raw_format=amazon2023", "--dataset=Instruments2023", "--raw_file=", "--meta_file="]

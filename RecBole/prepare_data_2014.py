@@ -6,7 +6,7 @@
 Other settings come from config/Instrument2018_5090.yaml; this script defaults to dataset Instrument2014 and
 the 2014 file names (reviews_Musical_Instruments.json[.gz], meta_Musical_Instruments.json[.gz], both
 optional-.gz; the 2014 metadata is Python-literal and read with ast.literal_eval). Any of these can be
-overridden on the command line. The logic lives in etegrec.prep.amazon.
+overridden on the command line. The logic lives in etegrec.prep.prepare.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from etegrec.config import ConfigError, load_from_argv
-from etegrec.prep.amazon import PrepError, run
+from etegrec.prep.prepare import run
+from etegrec.prep.reading import PrepError
 from etegrec.runtime import setup_logging
 
 DEFAULTS = ["--raw_format=amazon2014", "--dataset=Instrument2014", "--raw_file=", "--meta_file="]

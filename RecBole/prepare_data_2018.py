@@ -6,7 +6,7 @@
 Defaults come from config/Instrument2018_5090.yaml: reads RecBole/dataset/<dataset>/Musical_Instruments.json
 (or .json.gz) and meta_Musical_Instruments.json, writes <dataset>.inter, .{train,valid,test}.jsonl,
 .emb_map.json, .item_text.json and dataset_stats.json into the same folder. raw_format is amazon2018 unless
---raw_format=... is given. The logic lives in etegrec.prep.amazon.
+--raw_format=... is given. The logic lives in etegrec.prep.prepare.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from etegrec.config import ConfigError, load_from_argv
-from etegrec.prep.amazon import PrepError, run
+from etegrec.prep.prepare import run
+from etegrec.prep.reading import PrepError
 from etegrec.runtime import setup_logging
 
 

@@ -50,7 +50,7 @@ def build_missing(cfg: Config) -> None:
 
     if _missing_prepared(files):
         need("prepared splits", STEP_PREPARE)
-        from etegrec.prep.amazon import run as prepare
+        from etegrec.prep.prepare import run as prepare
 
         _timed("step 1: data preparation", prepare, cfg)
     mode = cfg.tokenizer.tokenizer_input

@@ -12,10 +12,8 @@ import pytest
 
 from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
 from etegrec.config import Config, load_config
-from etegrec.prep.amazon import (
+from etegrec.prep.prepare import (
     Interactions,
-    PrepError,
-    Row,
     UserSequence,
     assign_item_ids,
     drop_duplicates,
@@ -25,6 +23,7 @@ from etegrec.prep.amazon import (
     sort_user_ids,
     user_sequences,
 )
+from etegrec.prep.reading import PrepError, Row
 
 
 def rows_from(seqs: dict[str, list[str]]) -> list[Row]:

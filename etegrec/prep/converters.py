@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from etegrec.config import Config
-from etegrec.prep.amazon import (
+from etegrec.prep.reading import (
     BadLine,
     ItemText,
     LineReport,
