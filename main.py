@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 
+from etegrec.artifacts import ArtifactError
 from etegrec.config import load_from_argv
 from etegrec.pipeline import ensure_upstream
+from etegrec.prep.reading import PrepError
 from etegrec.rec import trainer
 from etegrec.runtime import make_accelerator
 
@@ -20,8 +22,11 @@ from etegrec.runtime import make_accelerator
 def main() -> None:
     cfg = load_from_argv(sys.argv[1:], default_config="config/ml-100k.yaml")
     accelerator = make_accelerator()
-    ensure_upstream(cfg, accelerator)
-    trainer.run(cfg, accelerator)
+    try:
+        ensure_upstream(cfg, accelerator)
+        trainer.run(cfg, accelerator)
+    except (ArtifactError, PrepError) as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -7,23 +7,40 @@ Item ids are integers ``1..N`` assigned once by the data-preparation stage and w
 files, a text file with ``N + 1`` rows whose first row is all zeros is accepted and its first row dropped.
 
 Writers are atomic (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
-half-written artifact that a later stage would trust.
+half-written artifact that a later stage would trust. A temporary file is named
+``.<target>.etegrec-<pid>@<host>.<random>.tmp``; the next atomic write in its folder deletes those whose process
+no longer runs on this host (left by a killed writer).
+
+Step 1's outputs are trusted only as a whole: while it rewrites a folder, the marker ``step1_incomplete`` is
+there and ``dataset_stats.json`` is not; ``dataset_stats.json`` (written last) records the data settings and the
+SHA-256 of every file it wrote. The loaders refuse a folder with the marker, a folder prepared with other data
+settings than the config's, and a split or item map whose hash differs from the recorded one (each file is
+hashed once per process: about 45 ms for Beauty's three splits, against 2 s to parse them). A folder without
+either file (e.g. the reference's pre-processed files) is used as it is, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from etegrec.config import Config
+from etegrec.config import Config, DataConfig
+
+logger = logging.getLogger("etegrec.artifacts")
 
 SPLITS = ("train", "valid", "test")
 PAD_TOKEN = "[PAD]"
@@ -41,10 +58,45 @@ class ArtifactError(RuntimeError):
 
 
 # ------------------------------------------------------------------ writers
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_TMP_NAME = re.compile(r"\..+\.etegrec-(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9_-]+)\.[^.]+\.tmp")
+_SWEPT: set[Path] = set()  # folders this process has already cleared of orphaned temporary files
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_orphan_tmp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes in ``folder`` whose process no longer runs; return them.
+
+    Only files named by this module's writers on this host are considered, so a live writer's file (its
+    process exists) and other programs' files are never touched.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TMP_NAME.fullmatch(path.name)
+        if match and match["host"] == _HOST and not _process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) of killed writes in %s", len(removed), folder)
+    return removed
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.parent not in _SWEPT:
+        _SWEPT.add(path.parent)
+        remove_orphan_tmp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.etegrec-{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
@@ -71,6 +123,13 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False), "wb")
 
 
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy the file ``src`` to ``dst`` atomically (modification time kept)."""
+    with open(src, "rb") as fh:
+        _atomic_write(dst, lambda out: shutil.copyfileobj(fh, out), "wb")
+    shutil.copystat(src, dst)
+
+
 def atomic_torch_save(path: Path, obj: Any) -> None:
     """``torch.save`` atomically; keep ``obj`` to tensors and plain containers so ``weights_only`` loads work."""
     import torch
@@ -82,15 +141,20 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 # ------------------------------------------------------------------- paths
 class DatasetFiles:
-    """Paths of one dataset folder ``<data_path>/<NAME>/``."""
+    """Paths of one dataset folder ``<data_path>/<NAME>/``.
 
-    def __init__(self, directory: Path, name: str) -> None:
+    ``data``: the data settings the reader expects (``from_config`` passes the config's); the loaders stop when
+    ``dataset_stats.json`` says the folder was prepared with others. None = no settings check.
+    """
+
+    def __init__(self, directory: Path, name: str, data: DataConfig | None = None) -> None:
         self.dir = Path(directory)
         self.name = name
+        self.data = data
 
     @classmethod
     def from_config(cls, cfg: Config) -> DatasetFiles:
-        return cls(cfg.dataset_dir, cfg.data.dataset)
+        return cls(cfg.dataset_dir, cfg.data.dataset, cfg.data)
 
     def _p(self, suffix: str) -> Path:
         return self.dir / f"{self.name}{suffix}"
@@ -115,6 +179,11 @@ class DatasetFiles:
     def stats(self) -> Path:
         return self.dir / "dataset_stats.json"
 
+    @property
+    def step1_incomplete(self) -> Path:
+        """Present while step 1 rewrites the folder, and after a step 1 that did not finish."""
+        return self.dir / "step1_incomplete"
+
     def collab_emb(self, dim: int) -> Path:
         return self._p(f"_emb_{dim}.npy")
 
@@ -138,10 +207,136 @@ def require(path: Path, step: str, what: str) -> Path:
     return Path(path)
 
 
+# --------------------------------------------------------- step-1 outputs
+_VERIFIED: set[tuple[Path, int, int]] = set()  # (path, size, mtime) whose hash matched dataset_stats.json
+_UNCHECKED_WARNED: set[Path] = set()  # folders without dataset_stats.json already warned about
+
+
+def _step_prepare(files: DatasetFiles) -> str:
+    return STEP_PREPARE.replace("NAME", files.name)
+
+
+def read_dataset_stats(files: DatasetFiles) -> dict[str, Any] | None:
+    """``dataset_stats.json`` of the folder, or None when step 1 did not write one."""
+    if not files.stats.is_file():
+        return None
+    try:
+        stats = json.loads(files.stats.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        stats = None
+    if not isinstance(stats, dict):
+        raise ArtifactError(f"{files.stats} is damaged; re-run {_step_prepare(files)}.")
+    return stats
+
+
+def settings_mismatch(files: DatasetFiles, stats: dict[str, Any]) -> str | None:
+    """How the folder's step-1 settings differ from ``files.data``, or None when they agree.
+
+    ``min_interactions`` and ``dedup`` must be equal; the prepared histories must be at least ``max_his_len``
+    items long (the loaders cut longer ones, which gives exactly the shorter preparation).
+    """
+    if files.data is None:
+        return None
+    stored, d = stats.get("settings", {}), files.data
+    differ = [
+        (key, stored.get(key), want)
+        for key, want in (("min_interactions", d.min_interactions), ("dedup", d.dedup))
+        if stored.get(key) != want
+    ]
+    if not isinstance(stored.get("max_his_len"), int) or stored["max_his_len"] < d.max_his_len:
+        differ.append(("max_his_len", stored.get("max_his_len"), d.max_his_len))
+    if not differ:
+        return None
+    has = ", ".join(f"{k}={json.dumps(v)}" for k, v, _ in differ)
+    wants = ", ".join(f"--{k}={json.dumps(w)}" for k, _, w in differ)
+    return f"{files.dir} was prepared with {has} ({files.stats.name}), but the config asks for {wants}"
+
+
+def prepared_folder_problem(files: DatasetFiles) -> str | None:
+    """Why the folder's step-1 outputs as a whole cannot be used with ``files.data``, or None."""
+    if files.step1_incomplete.exists():
+        return (
+            f"{files.dir} holds the outputs of a step 1 that did not finish ({files.step1_incomplete.name} is "
+            "there): its files may mix two preparations"
+        )
+    stats = read_dataset_stats(files)
+    return settings_mismatch(files, stats) if stats is not None else None
+
+
+def check_prepared_file(files: DatasetFiles, path: Path, what: str) -> Path:
+    """``path`` (a step-1 output) if it exists and is what step 1 wrote, else ArtifactError saying what to do."""
+    require(path, _step_prepare(files), what)
+    problem = prepared_folder_problem(files)
+    if problem:
+        raise ArtifactError(f"{problem}. Re-run {_step_prepare(files)} with the config's data settings.")
+    stats = read_dataset_stats(files)
+    if stats is None:
+        if files.dir not in _UNCHECKED_WARNED:
+            _UNCHECKED_WARNED.add(files.dir)
+            logger.warning(
+                "%s has no %s (not written by step 1 here, e.g. the reference's pre-processed files): its files "
+                "are used as they are, unchecked",
+                files.dir,
+                files.stats.name,
+            )
+        return path
+    expected = stats.get("sha256", {}).get(path.name)
+    info = path.stat()
+    key = (path, info.st_size, info.st_mtime_ns)
+    if expected is None or key in _VERIFIED:
+        return path
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        split = next((s for s in SPLITS if path == files.split(s)), None)
+        lines = data.count(b"\n")
+        detail = f"{lines} records, step 1 wrote {stats.get(f'{split}_records', '?')}" if split else "its content differs"
+        raise ArtifactError(
+            f"{path} is not the file step 1 wrote ({detail}; its SHA-256 is in {files.stats.name}): it was changed "
+            f"or truncated since. Re-run {_step_prepare(files)}."
+        )
+    _VERIFIED.add(key)
+    return path
+
+
+@contextlib.contextmanager
+def rewriting_step1_outputs(files: DatasetFiles) -> Iterator[None]:
+    """Mark the folder as not prepared while the block (re)writes step 1's files, ``dataset_stats.json`` last.
+
+    The marker is written before ``dataset_stats.json`` is removed and deleted only when the block finished
+    and wrote ``dataset_stats.json``, so a step 1 killed at any point leaves a folder every later step rejects.
+    """
+    atomic_write_text(
+        files.step1_incomplete,
+        f"step 1 (process {os.getpid()}) is writing this folder, or was killed while it did: re-run step 1.\n",
+    )
+    files.stats.unlink(missing_ok=True)
+    yield
+    if not files.stats.is_file():
+        raise RuntimeError(f"{files.stats} was not written; the folder stays marked as incomplete")
+    files.step1_incomplete.unlink()
+
+
+def require_item_text(files: DatasetFiles) -> Path:
+    """``<NAME>.item_text.json``, or ArtifactError naming the metadata file step 1 needed to write it."""
+    if files.item_text.is_file():
+        return check_prepared_file(files, files.item_text, "item text")
+    stats = read_dataset_stats(files) or {}
+    looked_for = (stats.get("item_text") or {}).get("looked_for")
+    source = (
+        f"step 1 found no metadata file (looked for {' and '.join(looked_for)}): put it there"
+        if looked_for
+        else "it is made by step 1 from the raw metadata (meta_file): provide it"
+    )
+    raise ArtifactError(
+        f"no item text for dataset {files.name!r}: {files.item_text} does not exist; {source} and re-run "
+        f"{_step_prepare(files)}, or use tokenizer_input=collab (no text vectors)."
+    )
+
+
 # ------------------------------------------------------------------ loaders
 def load_item_map(files: DatasetFiles) -> dict[str, int]:
     """Load ``<NAME>.emb_map.json`` and check it is a bijection onto ``0..N`` with ``[PAD] = 0``."""
-    path = require(files.item_map, STEP_PREPARE.replace("NAME", files.name), "item-id map")
+    path = check_prepared_file(files, files.item_map, "item-id map")
     item_map = json.loads(path.read_text())
     ids = sorted(item_map.values())
     if item_map.get(PAD_TOKEN) != 0 or ids != list(range(len(ids))):
@@ -166,7 +361,7 @@ class SplitData:
 
 def load_split(files: DatasetFiles, split: str, item_map: dict[str, int], max_his_len: int | None = None) -> SplitData:
     """Read ``<NAME>.<split>.jsonl`` and map raw ids to item ids (error names the line of an unknown id)."""
-    path = require(files.split(split), STEP_PREPARE.replace("NAME", files.name), f"{split} split")
+    path = check_prepared_file(files, files.split(split), f"{split} split")
     history: list[np.ndarray] = []
     target: list[int] = []
     users: list[str] = []

@@ -52,7 +52,11 @@ class DataConfig:
     raw_file: str = _f(
         "", "raw interaction file; relative paths are inside the dataset folder; empty = format default"
     )
-    meta_file: str = _f("", "raw item metadata file (titles etc.); empty = none (or format default)")
+    meta_file: str = _f(
+        "",
+        "raw item metadata file (titles etc.); empty = the format's file beside the raw file when present (item "
+        "text is optional); a path given here must exist",
+    )
     min_interactions: int = _f(5, "k-core threshold: users and items need at least this many interactions")
     max_his_len: int = _f(50, "history length cap in items (older items are dropped)")
     dedup: bool = _f(

@@ -94,3 +94,105 @@ def test_dual_vectors_normalised_and_concatenated(tmp_path: Path) -> None:
     vecs = load_item_vectors(cfg, 3)
     assert vecs.shape == (3, 5)
     np.testing.assert_allclose(vecs[0], [0.6, 0.8, 0, 0, 1.0], rtol=1e-6)
+
+
+def test_killed_writer_leaves_a_temporary_file_the_next_write_removes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from etegrec.artifacts import remove_orphan_tmp_files
+
+    # A writer killed in the middle of an atomic write leaves its temporary file (and no target file).
+    script = (
+        "import sys, time; from pathlib import Path; from etegrec.artifacts import _atomic_write\n"
+        "def write(fh):\n    fh.write(b'half'); fh.flush(); print('writing', flush=True); time.sleep(60)\n"
+        f"_atomic_write(Path({str(tmp_path / 'killed.json')!r}), write, 'wb')\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        left = list(tmp_path.glob(".killed.json.etegrec-*.tmp"))
+        assert len(left) == 1 and not (tmp_path / "killed.json").exists()
+        assert remove_orphan_tmp_files(tmp_path) == []  # its writer still runs: kept
+    finally:
+        writer.kill()
+        writer.wait()
+    foreign = tmp_path / ".notes.txt.tmp"  # another program's temporary file: never touched
+    foreign.write_text("x")
+    atomic_write_text(tmp_path / "next.json", "{}\n")  # the next write in the folder clears the orphan
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp", "next.json"]
+
+
+def _prepared(tmp_path: Path, **settings: object) -> DatasetFiles:
+    """``_dataset`` plus the dataset_stats.json step 1 would write for it."""
+    import hashlib
+
+    files = _dataset(tmp_path)
+    names = [files.item_map, *(files.split(s) for s in ("train", "valid", "test"))]
+    stats = {
+        "train_records": 1, "valid_records": 1, "test_records": 1,
+        "settings": {"min_interactions": 5, "max_his_len": 50, "dedup": True, **settings},
+        "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in names},
+    }  # fmt: skip
+    atomic_write_json(files.stats, stats)
+    return files
+
+
+def test_split_changed_after_step_1_is_refused(tmp_path: Path) -> None:
+    files = _prepared(tmp_path)
+    assert load_split(files, "test", load_item_map(files)).target.tolist() == [3]
+    atomic_write_text(files.split("test"), "")  # truncated
+    with pytest.raises(ArtifactError) as err:
+        load_split(files, "test", load_item_map(files))
+    msg = str(err.value)
+    assert str(files.split("test")) in msg and "0 records, step 1 wrote 1" in msg and "Re-run step 1" in msg
+    assert "\n" not in msg
+
+
+def test_other_data_settings_are_refused(tmp_path: Path) -> None:
+    files = _prepared(tmp_path, min_interactions=5, max_his_len=20)
+    cfg = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy", "--min_interactions=20", "--max_his_len=20"])
+    with pytest.raises(ArtifactError, match=r"prepared with min_interactions=5 .*asks for --min_interactions=20"):
+        load_item_map(DatasetFiles.from_config(cfg))
+    longer = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy", "--max_his_len=50"])
+    with pytest.raises(ArtifactError, match=r"max_his_len=20 .*--max_his_len=50"):
+        load_item_map(DatasetFiles.from_config(longer))
+    shorter = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy", "--max_his_len=10"])
+    assert load_item_map(DatasetFiles.from_config(shorter)) == load_item_map(files)  # the loader cuts histories
+
+
+def test_interrupted_step_1_is_refused(tmp_path: Path) -> None:
+    files = _prepared(tmp_path)
+    atomic_write_text(files.step1_incomplete, "")
+    with pytest.raises(ArtifactError, match=r"step 1 that did not finish.*Re-run step 1"):
+        load_item_map(files)
+
+
+def test_folder_without_stats_is_used_with_one_warning(tmp_path: Path) -> None:
+    import logging
+
+    files = _dataset(tmp_path)  # the reference's pre-processed files: splits and map only
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("etegrec.artifacts").addHandler(handler)
+    try:
+        item_map = load_item_map(files)
+        load_split(files, "train", item_map)
+    finally:
+        logging.getLogger("etegrec.artifacts").removeHandler(handler)
+    assert item_map["c"] == 3
+    assert len(warnings) == 1 and "has no dataset_stats.json" in warnings[0] and "unchecked" in warnings[0]
+
+
+def test_missing_item_text_names_the_metadata_file(tmp_path: Path) -> None:
+    from etegrec.artifacts import require_item_text
+
+    files = _prepared(tmp_path)
+    stats = json.loads(files.stats.read_text())
+    atomic_write_json(files.stats, {**stats, "item_text": {"file": None, "looked_for": ["/d/meta_X.json"]}})
+    with pytest.raises(ArtifactError) as err:
+        require_item_text(files)
+    msg = str(err.value)
+    assert "no item text for dataset 'toy'" in msg and "/d/meta_X.json" in msg and "tokenizer_input=collab" in msg

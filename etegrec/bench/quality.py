@@ -6,6 +6,11 @@ preparation and text vectors are copied from the first seed's folder instead of 
 finished (dataset, seed, model) result is stored at once in ``quality_<preset>.json``; a re-run skips
 finished entries (resume after an interruption by running the same command again).
 
+Several invocations may share one ``--out`` (e.g. one per ``--models``): steps 1-3 of a seed folder are built
+under a file lock (``<seed folder>/steps1-3.lock``), so a second invocation waits and then reuses them, and a
+(dataset, seed, model) run that a live invocation is training is skipped (``<out>/running/*.lock``). The
+locks are ``fcntl`` locks, released when their process dies.
+
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
 does (``matched_recommender_epochs``: 8 of the ``cpu`` preset's 16 with ``cycle=2``) and the same finetune
 phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
@@ -17,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
-import shutil
 import statistics
 import subprocess
 import time
@@ -28,8 +31,16 @@ from typing import Any
 
 import torch
 
-from etegrec.artifacts import DatasetFiles, atomic_write_json, atomic_write_text
+from etegrec.artifacts import (
+    DatasetFiles,
+    atomic_copy,
+    atomic_write_json,
+    atomic_write_text,
+    read_dataset_stats,
+    rewriting_step1_outputs,
+)
 from etegrec.config import REPO_ROOT, Config, load_config
+from etegrec.locks import FileLock
 
 logger = logging.getLogger("etegrec.bench")
 
@@ -91,9 +102,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def seed_folder(out: Path, preset: str, dataset: str, seed: int) -> Path:
+    """The folder of one (dataset, seed): data, vectors, tokenizer, checkpoints and logs."""
+    return out / preset / dataset / f"seed{seed}"
+
+
 def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list[str], ablation: str = "none") -> Config:
     """The config of one (dataset, seed) run, isolated in its own folder."""
-    root = out / preset / dataset / f"seed{seed}"
+    root = seed_folder(out, preset, dataset, seed)
     argv = PRESETS[preset] + overrides + [
         f"--data_path={root / 'data'}", f"--log_dir={root / 'logs'}", f"--ckpt_dir={root / 'ckpt'}",
         f"--rq_ckpt_dir={root / 'rqvae'}", f"--seed={seed}", f"--sasrec_seed={seed}", f"--rq_seed={seed}",
@@ -103,11 +119,12 @@ def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list
 
 
 def _prepared_seed_folder(dataset: str, preset: str, out: Path, overrides: list[str]) -> Config | None:
-    """The config of an earlier seed of ``dataset`` whose step-1 outputs exist (any seed, lowest first)."""
+    """The config of an earlier seed of ``dataset`` whose step-1 outputs are complete (any seed, lowest first)."""
     seeds = sorted(int(p.name[4:]) for p in (out / preset / dataset).glob("seed*") if p.name[4:].isdigit())
     for seed in seeds:
         cfg = seed_config(dataset, preset, seed, out, overrides)
-        if DatasetFiles.from_config(cfg).stats.is_file():
+        files = DatasetFiles.from_config(cfg)
+        if files.stats.is_file() and not files.step1_incomplete.exists():
             return cfg
     return None
 
@@ -119,11 +136,29 @@ def _reuse_deterministic_files(cfg: Config, prepared: Config | None) -> None:
     src, dst = DatasetFiles.from_config(prepared), DatasetFiles.from_config(cfg)
     if src.dir == dst.dir or dst.stats.is_file():
         return
-    dst.dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.dir.iterdir()):
-        deterministic = "_sentence-transformer_text_" in path.name or not path.name.endswith(".npy")
-        if path.is_file() and deterministic and not path.name.endswith("sasrec_metrics.json"):
-            shutil.copy2(path, dst.dir / path.name)
+    stats = read_dataset_stats(src) or {}
+    names = [*stats.get("sha256", {}), *(p.name for p in src.dir.glob(f"{src.name}_sentence-transformer_text_*.npy"))]
+    with rewriting_step1_outputs(dst):
+        for name in names:
+            if (src.dir / name).is_file():
+                atomic_copy(src.dir / name, dst.dir / name)
+        atomic_copy(src.stats, dst.stats)
+
+
+def build_seed_folder(dataset: str, preset: str, seed: int, out: Path, overrides: list[str]) -> Config:
+    """Steps 1-3 of one (dataset, seed), under the seed folder's lock; return its config.
+
+    The first invocation to take the lock builds what is missing; one that arrives meanwhile waits, then finds
+    everything built and reuses it.
+    """
+    cfg = seed_config(dataset, preset, seed, out, overrides)
+    from etegrec.pipeline import build_missing
+
+    folder = seed_folder(out, preset, dataset, seed)
+    with FileLock(folder / "steps1-3.lock", waiting_for=f"steps 1-3 of {dataset} seed {seed}"):
+        _reuse_deterministic_files(cfg, _prepared_seed_folder(dataset, preset, out, overrides))
+        build_missing(cfg)
+    return cfg
 
 
 def training_epochs_of(cfg: Config) -> tuple[int, int]:
@@ -145,11 +180,9 @@ def matched_recommender_epochs(cfg: Config) -> int:
 
 
 def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) -> dict[str, Any]:
-    """Train/evaluate one model; returns {"valid": {...}, "test": {...}, ...}."""
-    from etegrec.pipeline import build_missing
+    """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}."""
     from etegrec.runtime import make_accelerator
 
-    build_missing(cfg)
     if model == "SASRec":
         metrics = json.loads(DatasetFiles.from_config(cfg).sasrec_metrics.read_text())
         return {"valid": metrics.get("valid", {}), "test": metrics["test"]}
@@ -225,25 +258,14 @@ def _merge_result(result_file: Path, state: dict[str, Any], key: str | None, ent
     return merged
 
 
-def _claim(lock_dir: Path, key: str) -> Path | None:
-    """Mark run ``key`` as taken by this process; None when a live process already runs it.
+def _claim(lock_dir: Path, key: str) -> FileLock | None:
+    """Lock run ``key`` for this process; None when a live process already runs it.
 
-    Lets several invocations share one ``--out`` without training the same (dataset, seed, model) twice; a lock
-    left by a crashed process (its pid no longer exists) is taken over.
+    Lets several invocations share one ``--out`` without training the same (dataset, seed, model) twice; the
+    lock of a crashed process is released with it.
     """
-    lock = lock_dir / (key.replace("/", "__") + ".pid")
-    if lock.is_file():
-        try:
-            pid = int(lock.read_text().strip())
-            if pid != os.getpid():
-                os.kill(pid, 0)  # raises when no such process
-                return None
-        except (ValueError, ProcessLookupError):
-            pass  # unreadable or stale lock
-        except PermissionError:
-            return None  # the process exists (owned by someone else)
-    atomic_write_text(lock, f"{os.getpid()}\n")
-    return lock
+    lock = FileLock(lock_dir / (key.replace("/", "__") + ".lock"))
+    return lock if lock.acquire(blocking=False) else None
 
 
 def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -267,14 +289,13 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         if lock is None:
             logger.info("benchmark run %s is running in another process; skipped here", key)
             continue
-        cfg = seed_config(dataset, args.preset, seed, out, overrides)
-        _reuse_deterministic_files(cfg, _prepared_seed_folder(dataset, args.preset, out, overrides))
         logger.info("benchmark run %s", key)
         start = time.perf_counter()
         try:
+            cfg = build_seed_folder(dataset, args.preset, seed, out, overrides)
             result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
         kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
         entry = {k: v for k, v in result.items() if k in kept}
         entry["wall_s"] = round(time.perf_counter() - start, 1)

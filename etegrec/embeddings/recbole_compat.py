@@ -9,9 +9,10 @@ RecBole 1.2.1 (the last release) breaks with today's NumPy and PyTorch; rather t
    NumPy-1 values) before RecBole is imported. The aliases stay set for the process: they only add names that
    NumPy 2 no longer has.
 2. **torch >= 2.6** defaults ``torch.load(weights_only=True)``; RecBole's checkpoint pickles its ``Config``
-   object, so ``Trainer.evaluate(load_best_model=True)`` fails. We never call it with ``True``:
-   ``load_best_checkpoint`` reads the file RecBole's own trainer wrote moments earlier in this process with
-   ``weights_only=False`` (trusted input) and loads its state dict.
+   object, so ``Trainer.evaluate(load_best_model=True)`` fails. ``CheckpointTrainer`` saves the best-validation
+   checkpoint as the epoch and the model's tensors only, to a file name the caller makes unique (RecBole's own
+   ``<model>-<local time>.pth`` is shared by two runs started in the same second), and
+   ``load_best_checkpoint`` reads it back with ``weights_only=True``.
 3. **``recbole.quick_start``** imports ``ray`` (which needs ``pkg_resources``). We never import it: the model,
    trainer and data helpers are imported from their own modules below.
 4. **Process-global side effects of RecBole's ``Config``**: it parses ``sys.argv`` (so our own
@@ -59,9 +60,9 @@ from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
 __all__ = [
+    "CheckpointTrainer",
     "Config",
     "SASRec",
-    "Trainer",
     "create_dataset",
     "data_preparation",
     "init_seed",
@@ -106,13 +107,25 @@ def tensorboard_dir(path: Path) -> Iterator[None]:
         _recbole_trainer_module.get_tensorboard = original
 
 
-def load_best_checkpoint(trainer: Trainer) -> int:
-    """Load the best-validation weights RecBole's ``trainer.fit`` saved; return that checkpoint's epoch.
+class CheckpointTrainer(Trainer):
+    """RecBole's ``Trainer`` whose best-validation checkpoint is ``saved_model_file`` and holds tensors only."""
 
-    ``weights_only=False`` is needed because RecBole pickles its ``Config`` into the file; the file is the one
-    this process's trainer has just written (``trainer.saved_model_file``), not outside input.
-    """
-    checkpoint = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=False)
+    def __init__(self, config: Config, model: torch.nn.Module, saved_model_file: Path) -> None:
+        super().__init__(config, model)
+        self.saved_model_file = str(saved_model_file)
+
+    def _save_checkpoint(self, epoch: int, verbose: bool = True, **kwargs: Any) -> None:
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        from etegrec.artifacts import atomic_torch_save
+
+        state = {"epoch": epoch, "state_dict": self.model.state_dict(), "other_parameter": self.model.other_parameter()}
+        atomic_torch_save(Path(kwargs.get("saved_model_file", self.saved_model_file)), state)
+
+
+def load_best_checkpoint(trainer: CheckpointTrainer) -> int:
+    """Load the best-validation weights ``trainer.fit`` saved (``weights_only=True``); return that checkpoint's epoch."""
+    checkpoint = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=True)
     trainer.model.load_state_dict(checkpoint["state_dict"])
     trainer.model.load_other_parameter(checkpoint.get("other_parameter"))
     return int(checkpoint["epoch"])

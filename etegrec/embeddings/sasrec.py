@@ -21,7 +21,7 @@ What ``run`` does:
    ``valid``/``test`` (``recall@K``, ``ndcg@K`` for K = 1, 5, 10, 20), ``best_epoch`` (0-based, RecBole's
    numbering), ``epochs_trained``, the valid NDCG@10 curve, device, times and hyper-parameters.
 
-RecBole writes its checkpoint to ``<D>/<NAME>_recbole/saved/``, its log to ``<D>/<NAME>_recbole/log/`` and
+RecBole writes its checkpoint to ``<D>/<NAME>_recbole/saved/SASRec-<TIME>-<PID>.pth`` (weights only), its log to ``<D>/<NAME>_recbole/log/`` and
 TensorBoard files to ``<D>/<NAME>_recbole/log_tensorboard/`` (never into the working directory).
 
 Deviations from the reference ``RecBole/get_collab_emb.py``: it reads ``<NAME>.inter`` and trusts that
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -309,7 +310,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
         rb.init_seed(config["seed"], config["reproducibility"])
         model = rb.SASRec(config, train_data._dataset).to(device)
-        trainer = rb.Trainer(config, model)
+        trainer = rb.CheckpointTrainer(config, model, recbole_dir / "saved" / f"SASRec-{stamp}-{os.getpid()}.pth")
         valid_curve: list[float] = []
         train_start = time.perf_counter()
         trainer.fit(

@@ -42,7 +42,7 @@ from etegrec.artifacts import (
     DatasetFiles,
     atomic_save_npy,
     load_item_map,
-    require,
+    require_item_text,
 )
 from etegrec.config import Config
 from etegrec.runtime import pick_device, setup_logging
@@ -138,8 +138,8 @@ def run(cfg: Config) -> Path:
     setup_logging()
     files = DatasetFiles.from_config(cfg)
     item_map = load_item_map(files)
-    step = STEP_PREPARE.replace("NAME", files.name) + " with a raw format or meta_file that has item text"
-    texts = _load_item_text(require(files.item_text, step, "item text"), step)
+    step = STEP_PREPARE.replace("NAME", files.name)
+    texts = _load_item_text(require_item_text(files), step)
     sentences, fallback = item_texts(item_map, texts, t.text_fields)
     unknown = len(set(texts) - set(item_map))
     logger.info(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -10,8 +9,6 @@ from etegrec.config import REPO_ROOT, Config
 from etegrec.prep import converters
 from etegrec.prep.amazon import AMAZON_FORMATS
 from etegrec.prep.reading import PrepError, RawFormat
-
-logger = logging.getLogger("etegrec.prep")
 
 SHARED_DATA = Path(os.environ.get("ETEGREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -39,7 +36,11 @@ def _with_gz(path: Path) -> Path:
 
 
 def find_inputs(cfg: Config, spec: RawFormat) -> tuple[Path, Path | None]:
-    """The raw interaction file and the metadata file (None = no item text) for this config."""
+    """The raw interaction file and the metadata file for this config.
+
+    ``meta_file`` empty (the default) means the format's own metadata file beside the raw file, optional: None
+    when it is not there (no item text). A ``meta_file`` given explicitly must exist.
+    """
     d = cfg.data
     raw = _with_gz(resolve_input(cfg, d.raw_file) if d.raw_file else spec.default_raw(cfg))
     if not raw.exists():
@@ -58,14 +59,8 @@ def find_inputs(cfg: Config, spec: RawFormat) -> tuple[Path, Path | None]:
         if not meta.is_file():
             raise PrepError(
                 f"metadata file {meta} (--meta_file={d.meta_file}) does not exist. It comes from the same source as "
-                f"the reviews ({spec.source}, the meta_* file); or set --meta_file= (empty) to skip item text."
+                f"the reviews ({spec.source}, the meta_* file); or leave meta_file empty to use the format's "
+                "default file when present and prepare without item text otherwise."
             )
         return raw, meta
-    meta = next((m for m in spec.meta_candidates(raw) if m.is_file()), None)
-    if meta is None:
-        logger.info(
-            "no metadata file found (tried %s); item text is not written (set --meta_file=PATH to add it)",
-            ", ".join(str(m) for m in spec.meta_candidates(raw)) or "none",
-        )
-    return raw, meta
-
+    return raw, next((m for m in spec.meta_candidates(raw) if m.is_file()), None)

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from etegrec.artifacts import PAD_TOKEN, SPLITS, DatasetFiles, atomic_write_text
+from etegrec.artifacts import PAD_TOKEN, SPLITS, DatasetFiles, atomic_write_text, rewriting_step1_outputs
 from etegrec.config import Config
 from etegrec.prep.formats import find_inputs, raw_formats
 from etegrec.prep.reading import ItemText, LineReport, PrepError, RawFormat, Row
@@ -251,6 +251,18 @@ def render_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
+def _warn_no_item_text(files: DatasetFiles, looked_for: list[str]) -> None:
+    """One warning: no metadata file, so no item text; what it blocks and which file would provide it."""
+    earlier = f" ({files.item_text.name} of an earlier run is left as is)" if files.item_text.is_file() else ""
+    logger.warning(
+        "no item text: no metadata file found (looked for %s), so %s is not written%s; text vectors (step 2.2) and "
+        "tokenizer_input=dual|text need it. Add the file and re-run step 1, or use tokenizer_input=collab.",
+        " and ".join(looked_for),
+        files.item_text.name,
+        earlier,
+    )
+
+
 def _warn_if_downstream_stale(files: DatasetFiles, new_map: str) -> None:
     """Warn when the item map changes while vectors or checkpoints made from the old one are present."""
     if not files.item_map.is_file() or files.item_map.read_text(encoding="utf-8") == new_map:
@@ -390,17 +402,16 @@ def run(cfg: Config) -> dict[str, Any]:
     outputs[files.item_map] = render_json(item_map)
     if item_text is not None:
         outputs[files.item_text] = render_json({k: v._asdict() for k, v in item_text.items()})
-    elif files.item_text.is_file():
-        logger.warning(
-            "%s is from an earlier run (no metadata this time); it is keyed by raw id and left as is", files.item_text
-        )
+    else:
+        text_stats = {"file": None, "looked_for": [str(m) for m in spec.meta_candidates(raw_path)]}
+        _warn_no_item_text(files, text_stats["looked_for"])
     _warn_if_downstream_stale(files, outputs[files.item_map])
     stats = statistics(cfg, filtered, report, seqs, records, text_stats, outputs)
 
-    files.stats.unlink(missing_ok=True)  # written last, so its presence marks a complete run
-    for path, text in outputs.items():
-        atomic_write_text(path, text)
-    atomic_write_text(files.stats, render_json(stats))
+    with rewriting_step1_outputs(files):
+        for path, text in outputs.items():
+            atomic_write_text(path, text)
+        atomic_write_text(files.stats, render_json(stats))
     logger.info(
         "wrote %s (%d users, %d items, %d/%d/%d train/valid/test records) in %.1f s",
         cfg.dataset_dir,

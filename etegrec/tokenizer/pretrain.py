@@ -19,8 +19,10 @@ plain nearest-code assignment), per-level usage / perplexity / Gini, reconstruct
 Outputs in ``<rq_ckpt_dir>/<dataset>/<TIMESTAMP>/``: ``best_collision_<cr>_gini_<g>.pth`` (strictly lower
 collision rate, ties broken by the lower reconstruction loss) and ``best_gini_<g>_collision_<cr>.pth`` (strictly lower Gini), each
 replacing the previous best of its kind, in the ``rqvae.save_rqvae`` format with the (N, L+1) item-code table;
-plus ``<rq_ckpt_dir>/<dataset>/latest.json`` naming the newest run's best files, which ``resolve_rqvae_path``
-uses when ``rqvae_path`` is empty. Training stops early after ``rq_patience`` evaluations without a better
+``run_status.json`` (``"finished": false`` from the start, true at the end); and, once the run has finished,
+``<rq_ckpt_dir>/<dataset>/latest.json`` naming its best files, which ``resolve_rqvae_path`` uses when
+``rqvae_path`` is empty. A killed run never becomes ``latest.json``, and ``resolve_rqvae_path`` refuses a
+checkpoint whose run folder says it did not finish. Training stops early after ``rq_patience`` evaluations without a better
 ``best_collision``.
 
 Final item codes: nearest code at the levels whose ``sk_epsilons`` entry is 0, Sinkhorn-balanced assignment
@@ -47,6 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,7 @@ logger = logging.getLogger("etegrec.tokenizer")
 
 MAX_GRAD_NORM = 1.0
 POINTER = "latest.json"
+RUN_STATUS = "run_status.json"
 
 
 def ckpt_root(cfg: Config) -> Path:
@@ -90,7 +94,7 @@ def resolve_rqvae_path(cfg: Config) -> Path:
         path = cfg.path(cfg.tokenizer.rqvae_path)
         if not path.is_file():
             raise ArtifactError(f"rqvae_path={cfg.tokenizer.rqvae_path} ({path}) does not exist; it is made by {STEP_RQVAE}.")
-        return path
+        return _check_finished(path)
     root = ckpt_root(cfg)
     pointer = root / POINTER
     if pointer.is_file():
@@ -99,12 +103,28 @@ def resolve_rqvae_path(cfg: Config) -> Path:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ArtifactError(f"{pointer} is damaged; delete it and re-run {STEP_RQVAE}.") from None
         if path.is_file():
-            return path
+            return _check_finished(path)
         raise ArtifactError(f"{pointer} names {path}, which no longer exists; re-run {STEP_RQVAE}.")
     raise ArtifactError(
         f"no pretrained RQ-VAE for dataset {cfg.data.dataset!r}: {pointer} does not exist. It is made by "
         f"{STEP_RQVAE}; or set rqvae_path to a best_collision_*.pth file."
     )
+
+
+def _check_finished(path: Path) -> Path:
+    """``path``, unless its folder is a pretraining run that did not finish (a checkpoint from elsewhere passes)."""
+    status = path.parent / RUN_STATUS
+    if status.is_file():
+        try:
+            finished = json.loads(status.read_text()).get("finished") is True
+        except (json.JSONDecodeError, AttributeError):
+            finished = False
+        if not finished:
+            raise ArtifactError(
+                f"{path} is from the RQ-VAE run {path.parent.name}, which did not finish ({status.name}: killed, "
+                f"failed or still running); use a finished run's checkpoint (rqvae_path=...) or re-run {STEP_RQVAE}."
+            )
+    return path
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -146,7 +166,7 @@ def evaluate(
 
 
 class _BestKeeper:
-    """Keeps one best file per kind in the run folder and refreshes ``latest.json``."""
+    """Keeps one best file per kind in the run folder; ``finish`` marks the run finished and points ``latest.json`` to it."""
 
     def __init__(self, run_dir: Path, root: Path) -> None:
         self.run_dir, self.root = run_dir, root
@@ -174,18 +194,23 @@ class _BestKeeper:
             if old is not None and old != path:
                 old.unlink(missing_ok=True)
             self.files[kind], self.values[kind] = path, names[kind][0]
-        if improved:
-            atomic_write_json(
-                self.root / POINTER,
-                {
-                    "best_collision": str(self.files["collision"].relative_to(self.root)),
-                    "best_gini": str(self.files["gini"].relative_to(self.root)),
-                    "run": self.run_dir.name,
-                    "collision_rate": self.values["collision"][0],
-                    "gini": self.values["gini"][0],
-                },
-            )
         return "collision" in improved
+
+    def start(self) -> None:
+        """Mark the run folder as unfinished (until ``finish``)."""
+        atomic_write_json(self.run_dir / RUN_STATUS, {"finished": False, "pid": os.getpid()})
+
+    def finish(self, epochs: int) -> None:
+        """Mark the run finished, then make it the dataset's ``latest.json``."""
+        pointer = {
+            "best_collision": str(self.files["collision"].relative_to(self.root)),
+            "best_gini": str(self.files["gini"].relative_to(self.root)),
+            "run": self.run_dir.name,
+            "collision_rate": self.values["collision"][0],
+            "gini": self.values["gini"][0],
+        }
+        atomic_write_json(self.run_dir / RUN_STATUS, {"finished": True, "epochs": epochs, **pointer})
+        atomic_write_json(self.root / POINTER, pointer)
 
 
 def _fmt(stats: dict[str, Any], levels: int) -> str:
@@ -245,6 +270,7 @@ def run(cfg: Config) -> Path:
     )
     gen = torch.Generator().manual_seed(t.rq_seed)
     keeper = _BestKeeper(run_dir, root)
+    keeper.start()
     run_id = f"etegrec.tokenizer.pretrain run {run_dir.name}"
 
     def checkpoint(codes: torch.Tensor, stats: dict[str, Any], epoch: int):
@@ -317,6 +343,7 @@ def run(cfg: Config) -> Path:
             "no checkpoint could be saved: every evaluation had a collision group larger than "
             f"code_num={code_num}. Train with Sinkhorn (--sk_epsilons), longer, or with larger codebooks."
         )
+    keeper.finish(epoch)
     logger.info(
         "done in %.0f s (%d epochs); best collision rate %.4f at epoch %d -> %s",
         time.time() - t0, epoch, keeper.values["collision"][0], best_epoch, keeper.files["collision"],
