@@ -17,6 +17,7 @@ from etegrec.bench.quality import (
     _merge_result,
     _prepared_seed_folder,
     _reuse_deterministic_files,
+    build_seed_folder,
     markdown,
     matched_recommender_epochs,
     run_quality,
@@ -61,16 +62,48 @@ def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = (
+        "import sys, time; from etegrec.locks import FileLock\n"
+        f"FileLock({str(tmp_path / 'd__seed1__ETEGRec.lock')!r}).acquire(); print('locked', flush=True); time.sleep(60)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder], cwd=Path(__file__).resolve().parent.parent,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / "d__seed1__ETEGRec.pid").write_text(f"{other.pid}\n")
+        assert other.stdout.readline().strip() == "locked"
         assert _claim(tmp_path, "d/seed1/ETEGRec") is None  # the other process holds it
     finally:
         other.kill()
         other.wait()
-    lock = _claim(tmp_path, "d/seed1/ETEGRec")  # stale lock of a dead process: taken over
-    assert lock is not None and lock.read_text().strip() == str(os.getpid())
+    lock = _claim(tmp_path, "d/seed1/ETEGRec")  # released by the killed process: taken over
+    assert lock is not None and lock.path.read_text().strip() == str(os.getpid())
     assert _claim(tmp_path, "d/seed1/TIGER-style") is not None
+    lock.release()
+
+
+def test_two_invocations_build_a_seed_folder_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    import etegrec.pipeline
+
+    spans: list[tuple[float, float]] = []
+
+    def slow_build(cfg) -> None:
+        start = time.monotonic()
+        time.sleep(0.3)
+        spans.append((start, time.monotonic()))
+
+    monkeypatch.setattr(etegrec.pipeline, "build_missing", slow_build)
+    builders = [threading.Thread(target=build_seed_folder, args=("scientific", "tiny", 1, tmp_path, []))
+                for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join()
+    first, second = sorted(spans)
+    assert second[0] >= first[1]  # the second waited for the first (separate lock descriptors, as two processes)
 
 
 def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) -> None:
@@ -115,19 +148,27 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
 
 def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
     # Seed 2021 prepared earlier; a run of seeds [2022] alone copies its step-1 files and text vectors, not its
-    # seed-dependent SASRec vectors.
+    # seed-dependent SASRec vectors, nor lock or temporary files.
+    import hashlib
+
     prepared = DatasetFiles.from_config(seed_config("scientific", "tiny", 2021, tmp_path, []))
     prepared.dir.mkdir(parents=True)
-    prepared.stats.write_text("{}")
-    (prepared.dir / f"{prepared.name}.train.inter").write_text("user_id:token\n")
+    step1 = {prepared.item_map: '{"[PAD]": 0}\n', prepared.split("train"): "{}\n"}
+    for path, content in step1.items():
+        path.write_text(content)
+    sha = {p.name: hashlib.sha256(c.encode()).hexdigest() for p, c in step1.items()}
+    prepared.stats.write_text(json.dumps({"sha256": sha}))
     (prepared.dir / f"{prepared.name}_sentence-transformer_text_384.npy").write_bytes(b"text")
-    (prepared.dir / f"{prepared.name}_sasrec_64.npy").write_bytes(b"sasrec")
+    (prepared.dir / f"{prepared.name}_emb_64.npy").write_bytes(b"sasrec")
+    (prepared.dir / f".{prepared.name}.inter.etegrec-1@h.x.tmp").write_bytes(b"")
     source = _prepared_seed_folder("scientific", "tiny", tmp_path, [])
     assert source is not None and source.train.seed == 2021
 
     new = seed_config("scientific", "tiny", 2022, tmp_path, [])
     _reuse_deterministic_files(new, source)
-    copied = sorted(p.name for p in DatasetFiles.from_config(new).dir.iterdir())
-    assert copied == sorted(["dataset_stats.json", f"{prepared.name}.train.inter",
-                             f"{prepared.name}_sentence-transformer_text_384.npy"])
+    copied = DatasetFiles.from_config(new)
+    assert sorted(p.name for p in copied.dir.iterdir()) == sorted(
+        ["dataset_stats.json", *sha, f"{prepared.name}_sentence-transformer_text_384.npy"]
+    )
+    assert copied.split("train").read_text() == "{}\n"
     assert _prepared_seed_folder("beauty", "tiny", tmp_path, []) is None

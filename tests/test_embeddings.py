@@ -166,6 +166,19 @@ def test_sasrec_metrics_file(trained_toy) -> None:
     assert 1 <= on_disk["best_epoch"] + 1 <= on_disk["epochs_trained"] <= 12
 
 
+def test_sasrec_checkpoint_is_per_run_and_weights_only(trained_toy) -> None:
+    import os
+
+    import torch
+
+    cfg = trained_toy[0]
+    saved = list((DatasetFiles.from_config(cfg).dir / "toy_recbole" / "saved").iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("SASRec-") and saved[0].name.endswith(f"-{os.getpid()}.pth")
+    checkpoint = torch.load(saved[0], weights_only=True)  # no pickled RecBole Config inside
+    assert set(checkpoint) == {"epoch", "state_dict", "other_parameter"}
+    assert checkpoint["epoch"] == json.loads(DatasetFiles.from_config(cfg).sasrec_metrics.read_text())["best_epoch"]
+
+
 def test_sasrec_needs_the_prepared_map(tmp_path: Path) -> None:
     grouped_dataset(tmp_path)
     (tmp_path / "toy" / "toy.emb_map.json").unlink()
@@ -196,7 +209,7 @@ def test_item_text_rule() -> None:
 def test_text_needs_item_text_file(tmp_path: Path) -> None:
     (tmp_path / "nt").mkdir()
     (tmp_path / "nt" / "nt.emb_map.json").write_text(json.dumps({"[PAD]": 0, "a": 1}))
-    with pytest.raises(ArtifactError, match="missing item text.*step 1"):
+    with pytest.raises(ArtifactError, match="no item text for dataset 'nt'.*step 1"):
         text.run(load_config(None, [f"--data_path={tmp_path}", "--dataset=nt"]))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
+from etegrec.artifacts import ArtifactError, DatasetFiles, load_item_map, load_splits
 from etegrec.config import Config, load_config
 from etegrec.prep.prepare import (
     Interactions,
@@ -343,6 +343,96 @@ def test_missing_files_name_path_and_source(tmp_path: Path) -> None:
         run(toy_config(tmp_path, "--meta_file=missing_meta.json"))
     with pytest.raises(PrepError, match="raw_format='amazon2019' is not supported"):
         run(toy_config(tmp_path, "--raw_format=amazon2019"))
+
+
+def _load_script(name: str):
+    """A ``RecBole/<name>.py`` script as a module (its ``main(argv)``)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "RecBole" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("script", "dataset", "raw_name", "review", "meta_name"),
+    [
+        ("prepare_data_2018", "Instrument2018_5090", "Musical_Instruments.json", review_2018,
+         "meta_Musical_Instruments.json"),
+        ("prepare_data_2014", "Instrument2014", "reviews_Musical_Instruments.json", review_2014,
+         "meta_Musical_Instruments.json"),
+        ("prepare_data", "Instruments2023", "Musical_Instruments.jsonl", review_2023,
+         "meta_Musical_Instruments.jsonl"),
+    ],
+)  # fmt: skip
+def test_scripts_prepare_reviews_without_metadata(
+    tmp_path: Path, script: str, dataset: str, raw_name: str, review, meta_name: str
+) -> None:
+    # Each script with its defaults and only the review file: splits and map written, one warning naming the
+    # metadata file; then step 2.2 stops with one line naming it.
+    from etegrec.embeddings import text
+
+    folder = tmp_path / dataset
+    write_lines(folder / raw_name, [review(*r) for r in REVIEWS])
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("etegrec.prep").addHandler(handler)
+    try:
+        _load_script(script).main([f"--data_path={tmp_path}", "--min_interactions=3"])
+    finally:
+        logging.getLogger("etegrec.prep").removeHandler(handler)
+    files = DatasetFiles(folder, dataset)
+    assert json.loads(files.item_map.read_text()) == {"[PAD]": 0, "I1": 1, "I2": 2, "I3": 3, "I4": 4}
+    assert all(files.split(s).is_file() for s in ("train", "valid", "test")) and not files.item_text.exists()
+    assert len(warnings) == 1 and f"{folder / meta_name}" in warnings[0] and "no item text" in warnings[0]
+    assert json.loads(files.stats.read_text())["item_text"]["looked_for"][0] == str(folder / meta_name)
+
+    cfg = load_config(None, [f"--data_path={tmp_path}", f"--dataset={dataset}", "--min_interactions=3"])
+    with pytest.raises(ArtifactError, match=rf"no item text .*{meta_name}.*re-run step 1"):
+        text.run(cfg)
+    with pytest.raises(SystemExit) as stop:
+        _load_script("generate_text_embeddings").main(
+            [f"--data_path={tmp_path}", f"--dataset={dataset}", "--min_interactions=3"]
+        )
+    assert str(stop.value).startswith("error: no item text") and meta_name in str(stop.value)
+    assert "\n" not in str(stop.value)
+
+
+def test_explicit_metadata_file_must_exist_in_the_scripts(tmp_path: Path) -> None:
+    write_lines(tmp_path / "Instrument2018_5090" / "Musical_Instruments.json", [review_2018(*r) for r in REVIEWS])
+    with pytest.raises(SystemExit) as stop:
+        _load_script("prepare_data_2018").main([f"--data_path={tmp_path}", "--meta_file=foo.json"])
+    assert str(stop.value).startswith("error: metadata file") and "foo.json" in str(stop.value)
+    assert not (tmp_path / "Instrument2018_5090" / "dataset_stats.json").exists()
+
+
+def test_killed_step_1_leaves_the_folder_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from etegrec.prep import prepare
+
+    cfg = toy_config(tmp_path)
+    write_lines(cfg.dataset_dir / "Musical_Instruments.json", [review_2018(*r) for r in REVIEWS])
+    run(cfg)
+    first = read_outputs(cfg)
+    files = DatasetFiles.from_config(cfg)
+    real_write = prepare.atomic_write_text
+
+    def killed_at_the_item_map(path: Path, text: str) -> None:
+        if path == files.item_map:
+            raise KeyboardInterrupt  # what a kill leaves: earlier files new, later ones old, no cleanup
+        real_write(path, text)
+
+    monkeypatch.setattr(prepare, "atomic_write_text", killed_at_the_item_map)
+    with pytest.raises(KeyboardInterrupt):
+        run(toy_config(tmp_path, "--dedup=false"))
+    assert files.step1_incomplete.exists() and not files.stats.exists()
+    with pytest.raises(ArtifactError, match="step 1 that did not finish"):
+        load_item_map(files)
+    monkeypatch.setattr(prepare, "atomic_write_text", real_write)
+    run(cfg)  # a complete re-run clears the marker
+    assert read_outputs(cfg) == first
 
 
 def test_over_strict_threshold_names_it(tmp_path: Path) -> None:

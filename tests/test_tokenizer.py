@@ -273,6 +273,35 @@ def test_pretrain_two_epochs_writes_checkpoints(tmp_path: Path) -> None:
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_killed_pretraining_run_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from etegrec.tokenizer import pretrain
+
+    _tiny_dataset(tmp_path / "data", "Tiny")
+    argv = [
+        f"--data_path={tmp_path / 'data'}", "--dataset=Tiny", "--sasrec_hidden_size=16", "--tokenizer_input=collab",
+        "--num_emb_list", "8", "8", "8", "--code_num=8", "--layers", "32", "--e_dim=8", "--rq_epochs=2",
+        "--rq_eval_step=1", "--rq_batch_size=128", "--kmeans_iters=5", f"--rq_ckpt_dir={tmp_path / 'ckpt'}",
+        f"--log_dir={tmp_path / 'logs'}", "--rq_device=cpu", "--tensorboard=false",
+    ]  # fmt: skip
+    cfg = load_config(None, argv)
+    finished = run(cfg)
+    real_save = pretrain.save_rqvae
+
+    def killed_after_first_checkpoint(*args, **kwargs) -> None:
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # the state a kill leaves: a best file, the run not finished
+
+    monkeypatch.setattr(pretrain, "save_rqvae", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    unfinished = next(p for p in (tmp_path / "ckpt" / "Tiny").glob("*/best_collision_*.pth") if p != finished)
+    assert resolve_rqvae_path(cfg) == finished  # latest.json still names the finished run
+    assert json.loads((finished.parent / "run_status.json").read_text())["finished"] is True
+    explicit = load_config(None, [*argv, f"--rqvae_path={unfinished}"])
+    with pytest.raises(ArtifactError, match=r"did not finish .*re-run step 3"):
+        resolve_rqvae_path(explicit)
+
+
 def test_main_script_flag_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("rqvae_main", REPO_ROOT / "RQVAE" / "main.py")
     main = importlib.util.module_from_spec(spec)
