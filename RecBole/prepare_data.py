@@ -4,7 +4,7 @@
     cd RecBole && python prepare_data.py --config config/ml-100k.yaml     # any format, from its config
 
 Without --config: settings from config/Instrument2018_5090.yaml, with dataset Instruments2023, raw_format
-amazon2023 and its file names (Musical_Instruments.jsonl[.gz], meta_Musical_Instruments.jsonl[.gz];
+amazon2023 and its file names (Musical_Instruments.jsonl[.gz] and, optional, meta_Musical_Instruments.jsonl[.gz];
 timestamps in ms). With --config: that file's raw_format (amazon2018 | amazon2014 | amazon2023 | ml-100k |
 beauty_p5 | cgr_json). Command-line overrides (--raw_file=..., --min_interactions=...) win in both cases.
 """

@@ -4,8 +4,8 @@
         [--raw_file=reviews_Musical_Instruments.json] [--meta_file=meta_Musical_Instruments.json] [--min_interactions=5]
 
 Other settings come from config/Instrument2018_5090.yaml; this script defaults to dataset Instrument2014 and
-the 2014 file names (reviews_Musical_Instruments.json[.gz], meta_Musical_Instruments.json[.gz], both
-optional-.gz; the 2014 metadata is Python-literal and read with ast.literal_eval). Any of these can be
+the 2014 file names (reviews_Musical_Instruments.json[.gz] and, optional, meta_Musical_Instruments.json[.gz];
+the 2014 metadata is Python-literal and read with ast.literal_eval). Any of these can be
 overridden on the command line. The logic lives in etegrec.prep.prepare.
 """
 

@@ -4,8 +4,9 @@
         [--meta_file=FILE] [--min_interactions=5] [--max_his_len=50] [--dedup=true] [--max_bad_line_share=0.01]
 
 Defaults come from config/Instrument2018_5090.yaml: reads RecBole/dataset/<dataset>/Musical_Instruments.json
-(or .json.gz) and meta_Musical_Instruments.json, writes <dataset>.inter, .{train,valid,test}.jsonl,
-.emb_map.json, .item_text.json and dataset_stats.json into the same folder. raw_format is amazon2018 unless
+(or .json.gz) and, when it is there, meta_Musical_Instruments.json[.gz] (item text; without it one warning
+names it); writes <dataset>.inter, .{train,valid,test}.jsonl, .emb_map.json, .item_text.json (with metadata)
+and dataset_stats.json into the same folder. raw_format is amazon2018 unless
 --raw_format=... is given. The logic lives in etegrec.prep.prepare.
 """
 

@@ -316,6 +316,12 @@ def rewriting_step1_outputs(files: DatasetFiles) -> Iterator[None]:
     files.step1_incomplete.unlink()
 
 
+def describe_candidates(paths: list[str]) -> str:
+    """Files tried in turn, for a message: ``a`` and ``a.gz`` read as ``a[.gz]``."""
+    shown = [p for p in paths if not (p.endswith(".gz") and p.removesuffix(".gz") in paths)]
+    return " or ".join(p + ("[.gz]" if p + ".gz" in paths else "") for p in shown)
+
+
 def require_item_text(files: DatasetFiles) -> Path:
     """``<NAME>.item_text.json``, or ArtifactError naming the metadata file step 1 needed to write it."""
     if files.item_text.is_file():
@@ -323,7 +329,7 @@ def require_item_text(files: DatasetFiles) -> Path:
     stats = read_dataset_stats(files) or {}
     looked_for = (stats.get("item_text") or {}).get("looked_for")
     source = (
-        f"step 1 found no metadata file (looked for {' and '.join(looked_for)}): put it there"
+        f"step 1 found no metadata file (looked for {describe_candidates(looked_for)}): put it there"
         if looked_for
         else "it is made by step 1 from the raw metadata (meta_file): provide it"
     )

@@ -34,7 +34,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from etegrec.artifacts import PAD_TOKEN, SPLITS, DatasetFiles, atomic_write_text, rewriting_step1_outputs
+from etegrec.artifacts import (
+    PAD_TOKEN,
+    SPLITS,
+    DatasetFiles,
+    atomic_write_text,
+    describe_candidates,
+    rewriting_step1_outputs,
+)
 from etegrec.config import Config
 from etegrec.prep.formats import find_inputs, raw_formats
 from etegrec.prep.reading import ItemText, LineReport, PrepError, RawFormat, Row
@@ -257,7 +264,7 @@ def _warn_no_item_text(files: DatasetFiles, looked_for: list[str]) -> None:
     logger.warning(
         "no item text: no metadata file found (looked for %s), so %s is not written%s; text vectors (step 2.2) and "
         "tokenizer_input=dual|text need it. Add the file and re-run step 1, or use tokenizer_input=collab.",
-        " and ".join(looked_for),
+        describe_candidates(looked_for),
         files.item_text.name,
         earlier,
     )
