@@ -289,7 +289,8 @@ def check_prepared_file(files: DatasetFiles, path: Path, what: str) -> Path:
     if hashlib.sha256(data).hexdigest() != expected:
         split = next((s for s in SPLITS if path == files.split(s)), None)
         lines = data.count(b"\n")
-        detail = f"{lines} records, step 1 wrote {stats.get(f'{split}_records', '?')}" if split else "its content differs"
+        written = stats.get(f"{split}_records", "?")
+        detail = f"{lines} records, step 1 wrote {written}" if split else "its content differs"
         raise ArtifactError(
             f"{path} is not the file step 1 wrote ({detail}; its SHA-256 is in {files.stats.name}): it was changed "
             f"or truncated since. Re-run {_step_prepare(files)}."

@@ -124,7 +124,7 @@ class CheckpointTrainer(Trainer):
 
 
 def load_best_checkpoint(trainer: CheckpointTrainer) -> int:
-    """Load the best-validation weights ``trainer.fit`` saved (``weights_only=True``); return that checkpoint's epoch."""
+    """Load the best-validation weights ``trainer.fit`` saved (``weights_only=True``); return their epoch."""
     checkpoint = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=True)
     trainer.model.load_state_dict(checkpoint["state_dict"])
     trainer.model.load_other_parameter(checkpoint.get("other_parameter"))

@@ -21,8 +21,9 @@ What ``run`` does:
    ``valid``/``test`` (``recall@K``, ``ndcg@K`` for K = 1, 5, 10, 20), ``best_epoch`` (0-based, RecBole's
    numbering), ``epochs_trained``, the valid NDCG@10 curve, device, times and hyper-parameters.
 
-RecBole writes its checkpoint to ``<D>/<NAME>_recbole/saved/SASRec-<TIME>-<PID>.pth`` (weights only), its log to ``<D>/<NAME>_recbole/log/`` and
-TensorBoard files to ``<D>/<NAME>_recbole/log_tensorboard/`` (never into the working directory).
+RecBole writes its checkpoint to ``<D>/<NAME>_recbole/saved/SASRec-<TIME>-<PID>.pth`` (weights only, one file
+per run), its log to ``<D>/<NAME>_recbole/log/`` and TensorBoard files to ``<D>/<NAME>_recbole/log_tensorboard/``
+(never into the working directory).
 
 Deviations from the reference ``RecBole/get_collab_emb.py``: it reads ``<NAME>.inter`` and trusts that
 RecBole's factorisation order equals the map it writes; here the map is the preparation stage's and is never

@@ -22,8 +22,8 @@ replacing the previous best of its kind, in the ``rqvae.save_rqvae`` format with
 ``run_status.json`` (``"finished": false`` from the start, true at the end); and, once the run has finished,
 ``<rq_ckpt_dir>/<dataset>/latest.json`` naming its best files, which ``resolve_rqvae_path`` uses when
 ``rqvae_path`` is empty. A killed run never becomes ``latest.json``, and ``resolve_rqvae_path`` refuses a
-checkpoint whose run folder says it did not finish. Training stops early after ``rq_patience`` evaluations without a better
-``best_collision``.
+checkpoint whose run folder says it did not finish. Training stops early after ``rq_patience`` evaluations
+without a better ``best_collision``.
 
 Final item codes: nearest code at the levels whose ``sk_epsilons`` entry is 0, Sinkhorn-balanced assignment
 over the whole item set where it is > 0 (``RQVAE.get_codes(x, sk_epsilons=...)``), as TIGER / LC-Rec do for
@@ -166,7 +166,8 @@ def evaluate(
 
 
 class _BestKeeper:
-    """Keeps one best file per kind in the run folder; ``finish`` marks the run finished and points ``latest.json`` to it."""
+    """Keeps one best file per kind in the run folder; ``finish`` marks the run finished and points
+    ``latest.json`` to it."""
 
     def __init__(self, run_dir: Path, root: Path) -> None:
         self.run_dir, self.root = run_dir, root
