@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from etegrec.artifacts import ArtifactError
 from etegrec.config import REPO_ROOT, Config, load_from_argv
 from etegrec.tokenizer import pretrain
 
@@ -47,7 +48,10 @@ def build_config(argv: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    path = pretrain.run(build_config(sys.argv[1:] if argv is None else argv))
+    try:
+        path = pretrain.run(build_config(sys.argv[1:] if argv is None else argv))
+    except ArtifactError as err:
+        sys.exit(f"error: {err}")
     print(path)
     return path
 

@@ -196,3 +196,26 @@ def test_missing_item_text_names_the_metadata_file(tmp_path: Path) -> None:
         require_item_text(files)
     msg = str(err.value)
     assert "no item text for dataset 'toy'" in msg and "/d/meta_X.json" in msg and "tokenizer_input=collab" in msg
+
+
+def test_each_file_is_hashed_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import etegrec.artifacts
+
+    files = _prepared(tmp_path)
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data: bytes):
+        hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(etegrec.artifacts.hashlib, "sha256", counting_sha256)
+    item_map = load_item_map(files)
+    for _ in range(3):
+        load_split(files, "train", item_map)
+    assert len(hashed) == 2  # the item map and the train split, each once
+    atomic_write_text(files.split("train"), files.split("train").read_text())  # rewritten: checked again
+    load_split(files, "train", item_map)
+    assert len(hashed) == 3
