@@ -58,6 +58,8 @@ class ArtifactError(RuntimeError):
 
 
 # ------------------------------------------------------------------ writers
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files written atomically get the usual mode (mkstemp alone makes them 0600)
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _TMP_NAME = re.compile(r"\..+\.etegrec-(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9_-]+)\.[^.]+\.tmp")
 _SWEPT: set[Path] = set()  # folders this process has already cleared of orphaned temporary files
@@ -98,6 +100,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
         remove_orphan_tmp_files(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.etegrec-{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()

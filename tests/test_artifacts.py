@@ -219,3 +219,10 @@ def test_each_file_is_hashed_once_per_process(tmp_path: Path, monkeypatch: pytes
     atomic_write_text(files.split("train"), files.split("train").read_text())  # rewritten: checked again
     load_split(files, "train", item_map)
     assert len(hashed) == 3
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from etegrec import artifacts
+
+    artifacts.atomic_write_text(tmp_path / "a.txt", "x")  # mkstemp alone would leave it 0600
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~artifacts._UMASK
