@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
-from etegrec.config import Config, load_config
+from etegrec.config import Config, ConfigError, load_config
 from etegrec.prep.amazon import (
     Interactions,
     PrepError,
@@ -342,8 +342,8 @@ def test_missing_files_name_path_and_source(tmp_path: Path) -> None:
     write_lines(cfg.dataset_dir / "Musical_Instruments.json", [review_2018(*r) for r in REVIEWS])
     with pytest.raises(PrepError, match=r"metadata file .*missing_meta\.json.*--meta_file="):
         run(toy_config(tmp_path, "--meta_file=missing_meta.json"))
-    with pytest.raises(PrepError, match="raw_format='amazon2019' is not supported"):
-        run(toy_config(tmp_path, "--raw_format=amazon2019"))
+    with pytest.raises(ConfigError, match="raw_format='amazon2019'; use one of: amazon2018, "):
+        toy_config(tmp_path, "--raw_format=amazon2019")  # caught by Config.validate, before step 1 starts
 
 
 def test_over_strict_threshold_names_it(tmp_path: Path) -> None:

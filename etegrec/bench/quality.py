@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from etegrec.artifacts import DatasetFiles, atomic_write_json, atomic_write_text
-from etegrec.config import REPO_ROOT, Config, load_config
+from etegrec.config import REPO_ROOT, Config, load_config, resolve_path
+from etegrec.errors import ConfigError
 
 logger = logging.getLogger("etegrec.bench")
 
@@ -168,7 +169,7 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
 
         sft = results.get(f"{key_prefix}/ETEGRec", {}).get("checkpoint")
         if not sft:
-            raise RuntimeError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
+            raise ConfigError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
         cfg.grpo.sft_ckpt = sft
         result = train_grpo(cfg, accelerator)
         return {"valid": result["grpo"]["valid"], "test": result["grpo"]["test"],
@@ -252,7 +253,7 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
 
     from etegrec.runtime import setup_logging
 
-    out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
+    out = resolve_path(args.out)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}

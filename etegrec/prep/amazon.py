@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from etegrec.artifacts import PAD_TOKEN, SPLITS, DatasetFiles, atomic_write_text
 from etegrec.config import REPO_ROOT, Config
+from etegrec.errors import PrepError
 
 logger = logging.getLogger("etegrec.prep")
 
@@ -56,10 +57,6 @@ INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\tspl
 _DIGITS = re.compile(r"[0-9]+")
 _TAGS = re.compile(r"<[^>]{0,500}>")
 SHARED_DATA = Path(os.environ.get("ETEGREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-class PrepError(ValueError):
-    """Missing or unusable input to data preparation; the message says what to change."""
 
 
 class BadLine(ValueError):
