@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from etegrec.cli import run_script
 from etegrec.config import given_values, load_from_argv, resolve_path
+from etegrec.runtime import setup_logging
 
 DEFAULT_CONFIG = "config/ml-100k.yaml"
 
 
 def main(argv: list[str]) -> None:
+    setup_logging()
     given = given_values(argv)
     resume = given.get("resume")
     cfg = None if resume else load_from_argv(argv, DEFAULT_CONFIG)  # bad input fails here, before torch loads

@@ -254,6 +254,8 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     from etegrec.runtime import setup_logging
 
     out = resolve_path(args.out)
+    for dataset in args.datasets:  # a missing dataset config or a bad override stops here, before any run
+        seed_config(dataset, args.preset, args.seeds[0], out, overrides)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}

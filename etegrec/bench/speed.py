@@ -167,12 +167,12 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
     out = resolve_path(args.out)
     result_file = out / f"speed_{args.dataset}.json"
-    setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     cfg = load_config(
         REPO_ROOT / "config" / f"{args.dataset}.yaml",
         [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}", f"--log_dir={out / 'speed_logs'}",
          "--tensorboard=false"] + overrides,
     )
+    setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     build_missing(cfg)
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     accelerator = make_accelerator()
