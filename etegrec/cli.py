@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from etegrec.config import CHOICES, DEVICE_KEYS, LEAVES, RANGE_OF, SECTIONS
+from etegrec.config import CHOICES, DEVICE_KEYS, DEVICES, LEAVES, RANGE_OF, SECTIONS
 from etegrec.errors import EtegrecError
 
 HELP_FLAGS = ("-h", "--help")
@@ -89,5 +89,5 @@ def _kind(key: str) -> str:
         names = CHOICES[key]
         return f"{kind}: {' | '.join(names() if callable(names) else names)}"
     if key in DEVICE_KEYS:
-        return f"{kind}: auto | cpu | cuda | cuda:N"
+        return f"{kind}: {' | '.join(DEVICES)}"
     return kind

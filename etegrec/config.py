@@ -42,7 +42,8 @@ ABLATIONS = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 GRPO_REWARD_TYPES = ("prefix", "cosine", "none")
 METRIC_NAME = re.compile(r"^(recall|ndcg)@([1-9][0-9]*)$")  # recall@K or ndcg@K, K a positive integer
-DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # auto = CUDA when present, else CPU
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when present, else CPU; N = a GPU index
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # the names of DEVICES
 DEVICE_KEYS = ("sasrec_device", "text_device", "rq_device")
 # Input files: a relative value typed on the command line means the file under the working directory when it
 # exists there (otherwise the config rule applies).
@@ -356,8 +357,8 @@ class Config:
     def dataset_input(self, value: str) -> Path:
         """An input file a config value names: absolute as given; a relative one from the repository root when it
         exists there, else from the dataset folder."""
-        p = self.path(value)
-        return p if p.exists() or Path(value).expanduser().is_absolute() else self.dataset_dir / value
+        p = Path(value).expanduser()
+        return self.path(value) if p.is_absolute() or (REPO_ROOT / p).exists() else self.dataset_dir / p
 
     @property
     def dataset_dir(self) -> Path:
@@ -433,7 +434,8 @@ def _check_choices(values: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={values[key]!r}; use one of: {', '.join(allowed)}", key)
     for key in DEVICE_KEYS:
         if not DEVICE_NAME.match(values[key]):
-            raise ConfigError(f"{key}={values[key]!r}; use auto (CUDA when present), cpu, cuda or cuda:N", key)
+            raise ConfigError(f"{key}={values[key]!r}; use one of: {', '.join(DEVICES)} (auto = CUDA when present)",
+                              key)
 
 
 def _check_metrics(metrics: list[str], valid_metric: str, num_beams: int) -> None:

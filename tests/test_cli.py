@@ -80,6 +80,13 @@ def test_every_error_kind_is_one_line_and_exit_2(capsys, error: EtegrecError, st
     assert capsys.readouterr().err == f"error: {error} spans two lines\n"
 
 
+def test_error_kinds_share_one_base_and_keep_their_builtin_kinds() -> None:
+    for kind, builtin in ((ConfigError, ValueError), (ArtifactError, RuntimeError), (PrepError, ValueError),
+                          (TrainingError, RuntimeError)):
+        assert issubclass(kind, EtegrecError) and issubclass(kind, builtin)
+    assert ConfigError("bad", "lr_rec").key == "lr_rec"
+
+
 def test_a_bug_keeps_its_traceback() -> None:
     def main(argv: list[str]) -> None:
         raise KeyError("bug")

@@ -92,7 +92,7 @@ def test_aliases() -> None:
         (["--grpo_reward_type=dcg"], "grpo_reward_type='dcg'; use one of: prefix, cosine, none"),
         (["--tokenizer_input=both"], "tokenizer_input='both'; use one of: dual, collab, text"),
         (["--raw_format=csv"], "raw_format='csv'; use one of: amazon2018, amazon2014, amazon2023, ml-100k"),
-        (["--rq_device=gpu"], "rq_device='gpu'; use auto (CUDA when present), cpu, cuda or cuda:N"),
+        (["--rq_device=gpu"], "rq_device='gpu'; use one of: auto, cpu, cuda, cuda:N (auto = CUDA when present)"),
         (["--metrics=hr@10", "--valid_metric=hr@10"], "metrics entry 'hr@10' is not recall@K or ndcg@K"),
         (["--sasrec_hidden_size=6"], "sasrec_hidden_size=6 must be divisible by sasrec_heads=4 (command line)"),
         (["lr_rec=0.1"], "overrides look like --key=value"),
@@ -174,10 +174,11 @@ def test_out_of_range_values_name_key_range_and_source(override: str, fragment: 
     assert err.value.key == override[2:].partition("=")[0]
 
 
-def test_range_boundaries_are_accepted() -> None:
+def test_range_boundaries_and_device_indices_are_accepted() -> None:
     cfg = load_config(None, ["--weight_decay=0", "--dropout_rate=0", "--seed=0", "--warmup_steps=0",
-                             "--grpo_group_size=2", "--min_interactions=3", "--max_bad_line_share=0"])
-    assert cfg.train.weight_decay == 0.0 and cfg.data.min_interactions == 3
+                             "--grpo_group_size=2", "--min_interactions=3", "--max_bad_line_share=0",
+                             "--rq_device=cuda:1", "--text_device=cpu"])
+    assert cfg.train.weight_decay == 0.0 and cfg.data.min_interactions == 3 and cfg.tokenizer.rq_device == "cuda:1"
 
 
 def test_every_numeric_key_has_a_range() -> None:
