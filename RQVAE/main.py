@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from etegrec.cli import run_script
-from etegrec.config import REPO_ROOT, Config, given_values, load_from_argv
+from etegrec.config import Config, given_values, load_from_argv, resolve_path
 from etegrec.runtime import setup_logging
 
 DEFAULT_CONFIG = "config/Instrument2018_5090.yaml"  # used without --config when it exists (else built-in defaults)
@@ -49,7 +49,7 @@ logger = logging.getLogger("etegrec.tokenizer")
 
 def build_config(argv: list[str]) -> Config:
     """Config from ``--config`` + overrides (reference flag names included, see the module docstring)."""
-    default = DEFAULT_CONFIG if (REPO_ROOT / DEFAULT_CONFIG).is_file() else None
+    default = DEFAULT_CONFIG if resolve_path(DEFAULT_CONFIG).is_file() else None
     cfg = load_from_argv(argv, default_config=default, aliases=ALIASES)
     given = given_values(argv, aliases=ALIASES)
     for key, rq_key in JOINT_TRAINING_NAMES.items():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_data import make_tiny_dataset
 
 from etegrec.cli import run_script, usage
@@ -139,3 +140,8 @@ def test_resume_alone_continues_the_run_with_its_own_config(tmp_path: Path) -> N
     assert "values are ignored: {'epochs': 7}" in out
     assert f"test recall@1={first['test']['recall@1']:.4f}" in out  # the run's own model and data
     assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name]  # no new run folder
+
+    grpo_like = torch.load(run_dir / "last.pt", weights_only=True)
+    grpo_like.update(phase="grpo", optimizers={"grpo": {}})
+    with pytest.raises(ArtifactError, match=r"is not the last.pt of a joint-training run \(phase 'grpo'\)"):
+        trainer.resumed_config(run_dir / "last.pt", grpo_like, {})

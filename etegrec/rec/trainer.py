@@ -671,6 +671,11 @@ def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Co
         obj: its raw contents (``read_joint``).
         given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
     """
+    if not {"rec", "id"} <= obj.get("optimizers", {}).keys() or not obj.get("trainer"):
+        raise ArtifactError(
+            f"resume checkpoint {path} is not the last.pt of a joint-training run (phase {obj.get('phase')!r}); "
+            "resume step 4 with --resume=myckpt/<dataset>/<run>/last.pt (a GRPO run's with train_grpo.py)"
+        )
     try:
         stored = config_from_dict(obj["config"])
     except ConfigError as err:
