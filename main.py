@@ -4,30 +4,39 @@
     python main.py --config config/beauty.yaml --lr_rec=0.003      # one process
     python main.py --resume=myckpt/<dataset>/<TIMESTAMP>/last.pt   # continue an interrupted run
 
-Missing earlier artifacts (prepared data, SASRec / text vectors, pretrained RQ-VAE) are built first.
+Missing earlier artifacts (prepared data, SASRec / text vectors, pretrained RQ-VAE) are built first. A resumed
+run takes its whole config from its checkpoint (other values given are ignored, with a warning) and builds
+nothing: it needs the artifacts it was trained on.
 """
 
 from __future__ import annotations
 
-import sys
+from etegrec.cli import run_script
+from etegrec.config import given_values, load_from_argv, resolve_path
+from etegrec.runtime import setup_logging
 
-from etegrec.artifacts import ArtifactError
-from etegrec.config import load_from_argv
-from etegrec.pipeline import ensure_upstream
-from etegrec.prep.reading import PrepError
-from etegrec.rec import trainer
-from etegrec.runtime import make_accelerator
+DEFAULT_CONFIG = "config/ml-100k.yaml"
 
 
-def main() -> None:
-    cfg = load_from_argv(sys.argv[1:], default_config="config/ml-100k.yaml")
+def main(argv: list[str]) -> None:
+    setup_logging()
+    given = given_values(argv)
+    resume = given.get("resume")
+    cfg = None if resume else load_from_argv(argv, DEFAULT_CONFIG)  # bad input fails here, before torch loads
+
+    from etegrec.pipeline import ensure_upstream
+    from etegrec.rec.checkpoint import read_joint
+    from etegrec.rec.trainer import resumed_config, run
+    from etegrec.runtime import make_accelerator
+
+    if resume:
+        path = resolve_path(resume)
+        cfg = resumed_config(path, read_joint(path), given)
     accelerator = make_accelerator()
-    try:
+    if not resume:
         ensure_upstream(cfg, accelerator)
-        trainer.run(cfg, accelerator)
-    except (ArtifactError, PrepError) as err:
-        sys.exit(f"error: {err}")
+    run(cfg, accelerator)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __doc__, ("data", "sasrec", "text", "tokenizer", "model", "train"), default_config=DEFAULT_CONFIG)

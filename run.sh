@@ -8,6 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Resuming: the run's last.pt holds its config, so no config file or overrides are passed
+for arg in "$@"; do
+    case "${arg}" in
+        --resume=*|--resume|--train.resume=*|--train.resume)
+            exec accelerate launch --config_file accelerate_config_ddp.yaml main.py "$@" ;;
+    esac
+done
+
 DATASET=${DATASET:-ml-100k}
 
 # Hyper-parameters as in the user's README; edit here or override on the command line (later flags win).

@@ -7,29 +7,26 @@
 
 ``--sft_ckpt`` alone rebuilds model, tokenizer and item codes from the config stored in the checkpoint; an
 optional ``--config FILE`` and ``--key=value`` overrides may change GRPO and run-time keys only
-(``etegrec.grpo.trainer.MUTABLE_KEYS``), never the architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
+(``etegrec.grpo.trainer.MUTABLE_KEYS``: the grpo section, seed, evaluation, logging and data-path keys), never the
+architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
 ``--resume=myckpt/<DATASET>/<TIMESTAMP>_grpo/last.pt`` continues an interrupted run in its folder, with its own
 config, exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
-import sys
-
-from etegrec.artifacts import ArtifactError
-from etegrec.config import ConfigError
-from etegrec.grpo.trainer import load_grpo_config, run
-from etegrec.runtime import make_accelerator
+from etegrec.cli import run_script
+from etegrec.config import given_values
 
 
 def main(argv: list[str]) -> dict:
     """Parse the command line, build the Accelerator, run GRPO; returns the before/after metrics."""
-    try:
-        cfg = load_grpo_config(argv)
-    except (ConfigError, ArtifactError) as err:
-        sys.exit(f"train_grpo.py: {err}")
-    return run(cfg, make_accelerator())
+    given_values(argv)  # unknown keys, wrong types and bad YAML fail here, before torch loads
+    from etegrec.grpo.trainer import load_grpo_config, run
+    from etegrec.runtime import make_accelerator
+
+    return run(load_grpo_config(argv), make_accelerator())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, __doc__, ("grpo", "train"))

@@ -14,8 +14,8 @@ python main.py --config "../config/${DATASET}.yaml" \
   --num_emb_list 256 256 256 \
   --layers 1024 512 256 \
   --e_dim 128 \
-  --batch_size 2048 \
-  --epochs "$EPOCHS" \
+  --rq_batch_size 2048 \
+  --rq_epochs "$EPOCHS" \
   --device "$DEVICE" \
   --sk_epsilons 0.0 0.0 0.003 \
   --kmeans_iters 100 \

@@ -15,17 +15,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.artifacts import ArtifactError
-from etegrec.config import ConfigError, load_from_argv
-from etegrec.embeddings import text
+from etegrec.cli import run_script
+from etegrec.config import load_from_argv
+
+DEFAULT_CONFIG = "config/Instrument2018_5090.yaml"
 
 
 def main(argv: list[str]) -> None:
-    try:
-        text.run(load_from_argv(argv, default_config="config/Instrument2018_5090.yaml"))
-    except (ConfigError, ArtifactError) as err:
-        sys.exit(f"error: {err}")
+    cfg = load_from_argv(argv, default_config=DEFAULT_CONFIG)  # bad input fails here, before torch loads
+    from etegrec.embeddings import text
+
+    text.run(cfg)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, __doc__, ("data", "text"), default_config=DEFAULT_CONFIG)

@@ -16,25 +16,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.config import ConfigError, load_from_argv
+from etegrec.cli import run_script
+from etegrec.config import load_from_argv
 from etegrec.prep.prepare import run
-from etegrec.prep.reading import PrepError
 from etegrec.runtime import setup_logging
 
+DEFAULT_CONFIG = "config/Instrument2018_5090.yaml"
 AMAZON_2023 = ["--raw_format=amazon2023", "--dataset=Instruments2023", "--raw_file=", "--meta_file="]
 
 
 def main(argv: list[str]) -> None:
     setup_logging()
     has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    try:
-        cfg = load_from_argv(
-            [*([] if has_config else AMAZON_2023), *argv], default_config="config/Instrument2018_5090.yaml"
-        )
-        run(cfg)
-    except (ConfigError, PrepError) as err:
-        sys.exit(f"error: {err}")
+    run(load_from_argv([*([] if has_config else AMAZON_2023), *argv], default_config=DEFAULT_CONFIG))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, __doc__, ("data",), default_config=DEFAULT_CONFIG)

@@ -16,23 +16,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etegrec.config import ConfigError, load_from_argv
+from etegrec.cli import run_script
+from etegrec.config import load_from_argv
 from etegrec.prep.prepare import run
-from etegrec.prep.reading import PrepError
 from etegrec.runtime import setup_logging
 
+DEFAULT_CONFIG = "config/Instrument2018_5090.yaml"
 DEFAULTS = ["--raw_format=amazon2014", "--dataset=Instrument2014", "--raw_file=", "--meta_file="]
 
 
 def main(argv: list[str]) -> None:
     setup_logging()
-    try:
-        # Leading defaults: the same keys given later on the command line win.
-        cfg = load_from_argv([*DEFAULTS, *argv], default_config="config/Instrument2018_5090.yaml")
-        run(cfg)
-    except (ConfigError, PrepError) as err:
-        sys.exit(f"error: {err}")
+    # Leading defaults: the same keys given later on the command line win.
+    run(load_from_argv([*DEFAULTS, *argv], default_config=DEFAULT_CONFIG))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, __doc__, ("data",), default_config=DEFAULT_CONFIG)

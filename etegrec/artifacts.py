@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from etegrec.config import Config, DataConfig
+from etegrec.errors import ArtifactError
 
 logger = logging.getLogger("etegrec.artifacts")
 
@@ -51,10 +52,6 @@ STEP_SASREC = "step 2.1: `cd RecBole && python train_sasrec.py --dataset=NAME`"
 STEP_TEXT = "step 2.2: `cd RecBole && python generate_text_embeddings.py --dataset=NAME`"
 STEP_RQVAE = "step 3: `cd RQVAE && bash run_dual.sh` (or run_pretrain.sh)"
 STEP_JOINT = "step 4: `bash run.sh`"
-
-
-class ArtifactError(RuntimeError):
-    """A stage input is missing or inconsistent; the message names the file and the step that makes it."""
 
 
 # ------------------------------------------------------------------ writers
@@ -428,8 +425,7 @@ def load_vectors(path: Path, n_items: int, step: str, what: str) -> np.ndarray:
 def collab_emb_path(cfg: Config) -> Path:
     """The collaborative-vector file the tokenizer reads."""
     if cfg.tokenizer.collab_emb_path:
-        p = Path(cfg.tokenizer.collab_emb_path)
-        return p if p.is_absolute() else (cfg.dataset_dir / p if not (cfg.path(str(p))).exists() else cfg.path(str(p)))
+        return cfg.dataset_input(cfg.tokenizer.collab_emb_path)
     return DatasetFiles.from_config(cfg).collab_emb(cfg.sasrec.sasrec_hidden_size)
 
 
@@ -437,8 +433,7 @@ def text_emb_path(cfg: Config) -> Path:
     """The text-vector file the tokenizer reads."""
     files = DatasetFiles.from_config(cfg)
     if cfg.tokenizer.text_emb_path:
-        p = Path(cfg.tokenizer.text_emb_path)
-        return p if p.is_absolute() else (cfg.dataset_dir / p if not (cfg.path(str(p))).exists() else cfg.path(str(p)))
+        return cfg.dataset_input(cfg.tokenizer.text_emb_path)
     return files.text_emb_any() or files.text_emb(384)
 
 

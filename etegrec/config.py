@@ -5,31 +5,112 @@ key names such as ``lr_rec`` and ``rec_kl_loss``), so a YAML file may be written
 README, or nested by section, and an override may name a leaf with or without its section:
 ``--lr_rec=0.005``, ``--train.lr_rec=0.005`` or ``--num_emb_list 256 256 256``.
 
-Values are parsed with ``yaml.safe_load`` (never ``eval``). An unknown key or a value of the wrong type is a
-``ConfigError`` that names the key and suggests the closest valid one. Cross-field rules live in
-``Config.validate`` and run before any heavy work.
+Values are parsed with YAML rules (never ``eval``). An unknown key, a value of the wrong type, a key given
+twice in one YAML file or an empty YAML file is a ``ConfigError`` that names the file and line (or the command
+line) and the key. ``Config.validate`` checks the natural range of every numeric key (``RANGES``), the allowed
+names of the keys that take one (``CHOICES``) and the cross-field rules; it runs before any folder is created.
 
-Relative paths in the config are resolved against the repository root (``REPO_ROOT``), not the working
-directory, so ``cd RecBole && python prepare_data_2018.py`` and ``bash run.sh`` see the same files.
+This module is the one home of the allowed values: the modules that act on a key import its list from here.
+
+Paths: a relative path in a config is taken from the repository root (``REPO_ROOT``), not the working
+directory, so ``cd RecBole && python prepare_data_2018.py`` and ``bash run.sh`` see the same files. A relative
+``--config`` file, or an input file (``INPUT_PATH_KEYS``) given on the command line, that exists relative to
+the working directory means that file, as in any shell command. ``resolve_path`` implements both rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from etegrec.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# ---------------------------------------------------------------- allowed values (one home for each list)
+TOKENIZER_INPUTS = ("dual", "collab", "text")
+WARM_PHASES = ("tokenizer", "recommender")
+ABLATIONS = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+GRPO_REWARD_TYPES = ("prefix", "cosine", "none")
+METRIC_NAME = re.compile(r"^(recall|ndcg)@([1-9][0-9]*)$")  # recall@K or ndcg@K, K a positive integer
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when present, else CPU; N = a GPU index
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # the names of DEVICES
+DEVICE_KEYS = ("sasrec_device", "text_device", "rq_device")
+# Input files: a relative value typed on the command line means the file under the working directory when it
+# exists there (otherwise the config rule applies).
+INPUT_PATH_KEYS = frozenset({"raw_file", "meta_file", "collab_emb_path", "text_emb_path", "rqvae_path", "resume",
+                             "sft_ckpt"})
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says what to change."""
+
+def _raw_format_names() -> tuple[str, ...]:
+    """The ``raw_format`` values: the readers of data preparation (imported late: they import this module)."""
+    from etegrec.prep.formats import raw_formats
+
+    return tuple(raw_formats())
+
+
+CHOICES: dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]] = {
+    "raw_format": _raw_format_names,
+    "tokenizer_input": TOKENIZER_INPUTS,
+    "warm_phase": WARM_PHASES,
+    "ablation": ABLATIONS,
+    "lr_scheduler_type": LR_SCHEDULERS,
+    "grpo_reward_type": GRPO_REWARD_TYPES,
+}
+
+# The natural range of every numeric key (of every entry, for list keys).
+RANGES: dict[str, tuple[str, ...]] = {
+    "> 0": ("sasrec_lr", "rq_lr", "lr_rec", "lr_id", "finetune_lr", "grpo_lr", "psa_tau", "grpo_temperature"),
+    ">= 0": (
+        "sasrec_seed", "beta", "rq_weight_decay", "rq_warmup_epochs", "rq_seed", "sk_epsilons", "seed",
+        "weight_decay", "warmup_steps", "warm_epoch", "id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss",
+        "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs", "max_grad_norm", "max_batch_tokens",
+        "epoch_records", "num_workers", "grpo_kl_coeff", "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm",
+        "grpo_epoch_updates",
+    ),
+    ">= 1": (
+        "max_his_len", "sasrec_hidden_size", "sasrec_layers", "sasrec_heads", "sasrec_epochs", "sasrec_batch_size",
+        "sasrec_stopping_step", "text_batch_size", "num_emb_list", "layers", "e_dim", "rq_epochs", "rq_batch_size",
+        "rq_eval_step", "rq_patience", "kmeans_iters", "sk_iters", "encoder_layers", "decoder_layers", "d_model",
+        "d_ff", "num_heads", "d_kv", "code_num", "epochs", "batch_size", "eval_batch_size", "cycle", "eval_step",
+        "early_stop", "finetune_early_stop", "num_beams", "gradient_accumulation_steps", "bucket_window",
+        "grpo_early_stop", "grpo_eval_step", "grpo_batch_size", "grpo_num_iterations",
+    ),
+    ">= 2": ("code_length", "grpo_group_size"),
+    ">= 3": ("min_interactions",),
+    "in [0, 1)": ("max_bad_line_share", "sasrec_dropout", "dropout_prob", "dropout_rate"),
+    "in (0, 1)": ("grpo_clip_range",),
+}
+_IN_RANGE: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
+    ">= 3": lambda v: v >= 3,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+}
+RANGE_OF: dict[str, str] = {key: rule for rule, keys in RANGES.items() for key in keys}
+
+
+def resolve_path(value: str | Path, *, working_dir_first: bool = False) -> Path:
+    """Where a configured path points: absolute (after ``~``) as given; a relative one from the repository root,
+    or, with ``working_dir_first`` (a path typed in a shell), from the working directory when it exists there."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    if working_dir_first and p.exists():
+        return p.resolve()
+    return REPO_ROOT / p
 
 
 def _f(default: Any, help: str) -> Any:
@@ -45,10 +126,7 @@ class DataConfig:
 
     dataset: str = _f("Instrument2018_5090", "dataset name: sub-folder of data_path and file prefix")
     data_path: str = _f("RecBole/dataset", "root of the dataset folders, relative to the repository root")
-    raw_format: str = _f(
-        "amazon2018",
-        "raw input format: amazon2018 | amazon2014 | amazon2023 | ml-100k | beauty_p5 | cgr_json",
-    )
+    raw_format: str = _f("amazon2018", "raw input format: the reader of step 1 (see the README's Datasets table)")
     raw_file: str = _f(
         "", "raw interaction file; relative paths are inside the dataset folder; empty = format default"
     )
@@ -82,7 +160,7 @@ class SASRecConfig:
     sasrec_batch_size: int = _f(2048, "SASRec train and eval batch size")
     sasrec_stopping_step: int = _f(10, "SASRec early-stopping patience in epochs")
     sasrec_seed: int = _f(2020, "SASRec random seed")
-    sasrec_device: str = _f("auto", "device for SASRec training: auto (CUDA when present) | cpu | cuda | cuda:N")
+    sasrec_device: str = _f("auto", "device for SASRec training (auto = CUDA when present)")
 
 
 @dataclass
@@ -96,7 +174,7 @@ class TextConfig:
         ["title", "brand", "categories", "description"], "item text fields, joined in this order"
     )
     text_batch_size: int = _f(64, "encoding batch size")
-    text_device: str = _f("auto", "device for text encoding: auto (CUDA when present) | cpu | cuda | cuda:N")
+    text_device: str = _f("auto", "device for text encoding (auto = CUDA when present)")
 
 
 @dataclass
@@ -135,7 +213,7 @@ class TokenizerConfig:
         "last level it gives items that share the earlier codes distinct last codes",
     )
     sk_iters: int = _f(50, "Sinkhorn iterations")
-    rq_device: str = _f("auto", "device for pretraining: auto | cpu | cuda | cuda:N")
+    rq_device: str = _f("auto", "device for pretraining (auto = CUDA when present)")
     rq_ckpt_dir: str = _f("RQVAE/rqvae_ckpt", "RQ-VAE checkpoint root; runs go to <rq_ckpt_dir>/<dataset>/<TIMESTAMP>/")
     rqvae_path: str = _f(
         "", "pretrained RQ-VAE checkpoint for joint training; empty = newest best_collision_* of the dataset"
@@ -170,7 +248,7 @@ class TrainConfig:
     lr_id: float = _f(0.0001, "tokenizer AdamW learning rate")
     weight_decay: float = _f(0.05, "AdamW weight decay")
     warmup_steps: int = _f(8000, "recommender warm-up steps (tokenizer: warmup_steps // cycle)")
-    lr_scheduler_type: str = _f("cosine", "learning-rate schedule: cosine | linear | constant")
+    lr_scheduler_type: str = _f("cosine", "learning-rate schedule after the warm-up")
     cycle: int = _f(2, "epochs per alternating cycle: 1 tokenizer epoch, then cycle-1 recommender epochs")
     eval_step: int = _f(2, "validate every eval_step epochs")
     early_stop: int = _f(15, "evaluations without improvement before the phase stops")
@@ -278,8 +356,13 @@ class Config:
     # ------------------------------------------------------------------ paths
     def path(self, value: str) -> Path:
         """Resolve a configured path against the repository root."""
+        return resolve_path(value)
+
+    def dataset_input(self, value: str) -> Path:
+        """An input file a config value names: absolute as given; a relative one from the repository root when it
+        exists there, else from the dataset folder."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
+        return self.path(value) if p.is_absolute() or (REPO_ROOT / p).exists() else self.dataset_dir / p
 
     @property
     def dataset_dir(self) -> Path:
@@ -288,86 +371,44 @@ class Config:
 
     # -------------------------------------------------------------- checks
     def validate(self) -> Config:
-        """Check cross-field rules; raise ConfigError saying which key to change."""
-        t, m, tr, g, d = self.tokenizer, self.model, self.train, self.grpo, self.data
+        """Check ranges, allowed names and cross-field rules; raise ConfigError naming the key to change."""
+        values = self.to_dict()
+        _check_ranges(values)
+        _check_choices(values)
+        t, m, tr, s = self.tokenizer, self.model, self.train, self.sasrec
         if m.code_length != len(t.num_emb_list) + 1:
             raise ConfigError(
                 f"code_length={m.code_length} but num_emb_list has {len(t.num_emb_list)} levels; an item ID is "
-                f"one token per level plus a suffix, so set code_length={len(t.num_emb_list) + 1}"
+                f"one token per level plus a suffix, so set code_length={len(t.num_emb_list) + 1}", "code_length"
             )
         if any(k != m.code_num for k in t.num_emb_list):
             raise ConfigError(
                 f"num_emb_list={t.num_emb_list} but code_num={m.code_num}; every codebook must have code_num "
-                "codes (the recommender has one token table of that size per level)"
+                "codes (the recommender has one token table of that size per level)", "num_emb_list"
             )
         if len(t.sk_epsilons) != len(t.num_emb_list):
             raise ConfigError(
                 f"sk_epsilons has {len(t.sk_epsilons)} values but num_emb_list has {len(t.num_emb_list)} levels; "
-                "give one epsilon per level (0 disables Sinkhorn at that level)"
+                "give one epsilon per level (0 disables Sinkhorn at that level)", "sk_epsilons"
             )
-        if t.tokenizer_input not in ("dual", "collab", "text"):
-            raise ConfigError(f"tokenizer_input={t.tokenizer_input!r}; use one of: dual, collab, text")
-        positive = ("epochs", "batch_size", "eval_batch_size", "eval_step", "early_stop", "finetune_early_stop",
-                    "gradient_accumulation_steps", "bucket_window", "num_beams")
-        non_negative = ("finetune_epochs", "warmup_steps", "warm_epoch", "max_batch_tokens", "epoch_records",
-                        "max_grad_norm", "weight_decay", "num_workers")
-        loss_weights = ("id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss",
-                        "rec_dec_cl_loss", "alpha")
-        for key in positive:
-            if getattr(tr, key) < 1:
-                raise ConfigError(f"{key}={getattr(tr, key)} must be >= 1")
-        for key in non_negative:
-            if getattr(tr, key) < 0:
-                raise ConfigError(f"{key}={getattr(tr, key)} must be >= 0")
-        if tr.psa_tau <= 0:
-            raise ConfigError(f"psa_tau={tr.psa_tau} must be > 0 (the InfoNCE temperature; the reference uses 0.07)")
-        for key in loss_weights:
-            if getattr(tr, key) < 0:
-                raise ConfigError(f"{key}={getattr(tr, key)} is a loss weight and must be >= 0")
+        if s.sasrec_hidden_size % s.sasrec_heads:
+            raise ConfigError(f"sasrec_hidden_size={s.sasrec_hidden_size} must be divisible by "
+                              f"sasrec_heads={s.sasrec_heads}", "sasrec_hidden_size")
+        if not self.text.text_fields:
+            raise ConfigError("text_fields is empty; name at least one item text field, e.g. title", "text_fields")
         if tr.rec_code_loss == 0:
-            raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0")
-        for name in tr.metrics:
-            kind, _, k = name.partition("@")
-            if kind not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
-                raise ConfigError(f"metrics entry {name!r} is not recall@K or ndcg@K (K a positive integer)")
-            if int(k) > tr.num_beams:
-                raise ConfigError(f"metrics entry {name!r} needs at least {k} beams; raise num_beams={tr.num_beams}")
-        if tr.valid_metric not in tr.metrics:
-            raise ConfigError(f"valid_metric={tr.valid_metric!r} must be one of metrics={tr.metrics}")
-        if tr.cycle < 2 and tr.ablation not in ("no_alt", "no_ete"):
-            raise ConfigError(f"cycle={tr.cycle}: a cycle needs one tokenizer epoch and >= 1 recommender epoch; use 2+")
-        if tr.cycle % tr.eval_step and tr.ablation not in ("no_alt", "no_ete"):
+            raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0",
+                              "rec_code_loss")
+        _check_metrics(tr.metrics, tr.valid_metric, tr.num_beams)
+        alternating = tr.ablation not in ("no_alt", "no_ete")
+        if alternating and tr.cycle < 2:
+            raise ConfigError(f"cycle={tr.cycle}: a cycle needs one tokenizer epoch and >= 1 recommender epoch; "
+                              "use 2+", "cycle")
+        if alternating and tr.cycle % tr.eval_step:
             raise ConfigError(
                 f"cycle={tr.cycle} is not a multiple of eval_step={tr.eval_step}; evaluations must fall at the "
-                "end of a cycle (after a recommender epoch). Set eval_step to a divisor of cycle"
+                "end of a cycle (after a recommender epoch). Set eval_step to a divisor of cycle", "eval_step"
             )
-        if tr.warm_phase not in ("tokenizer", "recommender"):
-            raise ConfigError(f"warm_phase={tr.warm_phase!r}; use tokenizer or recommender")
-        ablations = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
-        if tr.ablation not in ablations:
-            raise ConfigError(f"ablation={tr.ablation!r}; use one of: {', '.join(ablations)}")
-        if tr.lr_scheduler_type not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"lr_scheduler_type={tr.lr_scheduler_type!r}; use cosine, linear or constant")
-        if g.grpo_reward_type not in ("prefix", "cosine", "none"):
-            raise ConfigError(f"grpo_reward_type={g.grpo_reward_type!r}; use one of: prefix, cosine, none")
-        if g.grpo_num_iterations < 1 or g.grpo_temperature <= 0 or not 0 < g.grpo_clip_range < 1:
-            raise ConfigError(
-                "grpo_num_iterations must be >= 1, grpo_temperature > 0 and grpo_clip_range in (0, 1); got "
-                f"{g.grpo_num_iterations}, {g.grpo_temperature}, {g.grpo_clip_range}"
-            )
-        grpo_counts = (g.grpo_eval_step, g.grpo_early_stop, g.grpo_batch_size)
-        if min(grpo_counts) < 1 or min(g.grpo_epochs, g.grpo_epoch_updates) < 0:
-            raise ConfigError(
-                "grpo_eval_step, grpo_early_stop and grpo_batch_size must be >= 1, grpo_epochs and grpo_epoch_updates "
-                f">= 0; got {g.grpo_eval_step}, {g.grpo_early_stop}, {g.grpo_batch_size}, {g.grpo_epochs}, "
-                f"{g.grpo_epoch_updates}"
-            )
-        if g.grpo_group_size < 2:
-            raise ConfigError(f"grpo_group_size={g.grpo_group_size}: group-relative advantages need >= 2 samples")
-        if d.max_his_len < 1 or d.min_interactions < 3:
-            raise ConfigError("max_his_len must be >= 1 and min_interactions >= 3 (leave-one-out needs 3 items)")
-        if not 0 <= d.max_bad_line_share < 1:
-            raise ConfigError(f"max_bad_line_share={d.max_bad_line_share} must be in [0, 1)")
         return self
 
     # ------------------------------------------------------------ dumping
@@ -378,6 +419,42 @@ class Config:
     def to_nested(self) -> dict[str, dict[str, Any]]:
         """``{section: {leaf: value}}`` dict."""
         return {sec: dataclasses.asdict(getattr(self, sec)) for sec in SECTIONS}
+
+
+def _check_ranges(values: dict[str, Any]) -> None:
+    """Every numeric key within its natural range (``RANGES``)."""
+    for key, rule in RANGE_OF.items():
+        value = values[key]
+        if not all(_IN_RANGE[rule](v) for v in (value if isinstance(value, list) else [value])):
+            every = " (every entry)" if isinstance(value, list) else ""
+            raise ConfigError(f"{key}={value} must be {rule}{every}: {LEAVES[key][1].metadata['help']}", key)
+
+
+def _check_choices(values: dict[str, Any]) -> None:
+    """Every key with a fixed set of names holds one of them (``CHOICES``, ``DEVICE_NAME``)."""
+    for key, names in CHOICES.items():
+        allowed = names() if callable(names) else names
+        if values[key] not in allowed:
+            raise ConfigError(f"{key}={values[key]!r}; use one of: {', '.join(allowed)}", key)
+    for key in DEVICE_KEYS:
+        if not DEVICE_NAME.match(values[key]):
+            raise ConfigError(f"{key}={values[key]!r}; use one of: {', '.join(DEVICES)} (auto = CUDA when present)",
+                              key)
+
+
+def _check_metrics(metrics: list[str], valid_metric: str, num_beams: int) -> None:
+    """Metric names are recall@K / ndcg@K with K <= num_beams; the model-selection metric is one of them."""
+    if not metrics:
+        raise ConfigError("metrics is empty; report at least one, e.g. recall@10,ndcg@10", "metrics")
+    for name in metrics:
+        match = METRIC_NAME.match(name)
+        if match is None:
+            raise ConfigError(f"metrics entry {name!r} is not recall@K or ndcg@K (K a positive integer)", "metrics")
+        if int(match.group(2)) > num_beams:
+            raise ConfigError(f"metrics entry {name!r} needs at least {match.group(2)} beams; raise "
+                              f"num_beams={num_beams}", "num_beams")
+    if valid_metric not in metrics:
+        raise ConfigError(f"valid_metric={valid_metric!r} must be one of metrics={metrics}", "valid_metric")
 
 
 # ---------------------------------------------------------------- key index
@@ -500,16 +577,75 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Accept flat keys, ``section: {key: value}`` blocks, or both."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for leaf, v in value.items():
-                flat[f"{key}.{leaf}"] = v
-        else:
-            flat[str(key)] = value
-    return flat
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping and records the lines of every key."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self.path = path
+        self.key_lines: dict[str, list[int]] = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may repeat keys by design
+                continue
+            key, line = str(self.construct_object(key_node, deep=True)), key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(
+                    f"config file {self.path}:{line}: key '{key}' is given twice (first on line {first_line[key]}); "
+                    "keep one", key
+                )
+            first_line[key] = line
+            self.key_lines.setdefault(key, []).append(line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """The top-level mapping of a YAML config file and the line numbers of each key name."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pick one of {sorted(_config_names())}")
+    loader = _ConfigLoader(path.read_text(encoding="utf-8"), path)
+    try:
+        raw = loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"config file {where} is not valid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+    if raw is None:
+        raise ConfigError(
+            f"config file {path} is empty (no keys); give at least one key, e.g. 'dataset: NAME', or leave out "
+            "--config to use the built-in defaults"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values, not a {type(raw).__name__}")
+    return raw, loader.key_lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """``({leaf: checked value}, {leaf: "file:line"})`` of one YAML file with flat keys, ``section: {key: value}``
+    blocks, or both; a leaf set twice (say flat and inside its section) is an error naming both lines."""
+    raw, key_lines = _load_yaml(path)
+    pairs = [(f"{key}.{leaf}", v) for key, value in raw.items() if key in SECTIONS and isinstance(value, dict)
+             for leaf, v in value.items()]
+    pairs += [(str(key), value) for key, value in raw.items() if not (key in SECTIONS and isinstance(value, dict))]
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for key, value in pairs:
+        lines = key_lines.get(key.rpartition(".")[2], [])
+        where = f"{path}:{lines[0]}" if lines else str(path)
+        for leaf, typed in typed_values({key: value}, where).items():
+            if leaf in values:
+                raise ConfigError(
+                    f"config file {path}: key '{leaf}' is given twice (lines {' and '.join(map(str, lines))}); "
+                    "keep one", leaf
+                )
+            values[leaf], origins[leaf] = typed, where
+    return values, origins
 
 
 def typed_values(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -523,16 +659,21 @@ def typed_values(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 def read_yaml_values(path: str | Path) -> dict[str, Any]:
     """The ``{leaf: checked value}`` pairs of one YAML config file (flat or nested by section)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pick one of {sorted(_config_names())}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must be a mapping of keys to values")
-    return typed_values(_flatten_yaml(raw, str(p)), str(p))
+    return _read_yaml(Path(path))[0]
+
+
+def _layers(
+    path: str | Path | None, argv: Sequence[str], aliases: dict[str, str] | None
+) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """``({leaf: value}, {leaf: where it was set})`` of the YAML file (if any), then of the command line."""
+    layers = [_read_yaml(resolve_path(path, working_dir_first=True))] if path is not None else []
+    cli = typed_values(parse_overrides(argv, aliases), "command line")
+    for key in INPUT_PATH_KEYS & cli.keys():
+        typed = Path(cli[key]).expanduser()
+        if cli[key] and not typed.is_absolute() and typed.exists():  # a file under the working directory
+            cli[key] = str(typed.resolve())
+    layers.append((cli, dict.fromkeys(cli, "command line")))
+    return layers
 
 
 def load_config(
@@ -541,14 +682,30 @@ def load_config(
     aliases: dict[str, str] | None = None,
     validate: bool = True,
 ) -> Config:
-    """Build a Config from defaults, an optional YAML file and command-line overrides (in that order)."""
+    """Build a Config from defaults, an optional YAML file and command-line overrides (in that order).
+
+    An error of ``Config.validate`` about a key set here ends with where it was set (file:line or command line).
+    """
     cfg = Config()
-    layers = [read_yaml_values(path)] if path is not None else []
-    layers.append(typed_values(parse_overrides(argv, aliases), "command line"))
-    for values in layers:
+    origins: dict[str, str] = {}
+    for values, where in _layers(path, argv, aliases):
         for leaf, value in values.items():
             setattr(getattr(cfg, LEAVES[leaf][0]), leaf, value)
-    return cfg.validate() if validate else cfg
+        origins.update(where)
+    if not validate:
+        return cfg
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        if err.key not in origins:
+            raise
+        raise ConfigError(f"{err} ({origins[err.key]})", err.key) from None
+
+
+def given_values(argv: Sequence[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``{leaf: value}`` pairs that ``--config FILE`` and the overrides in ``argv`` set (no defaults)."""
+    path, rest = add_config_argument(argv, None)
+    return {leaf: value for values, _ in _layers(path, rest, aliases) for leaf, value in values.items()}
 
 
 def _config_names() -> list[str]:
@@ -603,13 +760,15 @@ def add_config_argument(argv: Sequence[str], default: str | None) -> tuple[str |
 def load_from_argv(argv: Sequence[str], default_config: str | None, aliases: dict[str, str] | None = None) -> Config:
     """The entry point every script uses: ``--config PATH`` plus overrides."""
     path, rest = add_config_argument(argv, default_config)
-    if path is not None and not Path(path).is_absolute() and not Path(path).exists():
-        candidate = REPO_ROOT / path
-        path = str(candidate) if candidate.exists() else path
     return load_config(path, rest, aliases)
 
 
-if __name__ == "__main__":  # `python -m etegrec.config --config config/X.yaml [overrides]`: print the resolved config
-    import sys
+def _print_resolved(argv: list[str]) -> None:
+    """``python -m etegrec.config --config config/X.yaml [--key=value ...]``: print the resolved, commented config."""
+    print(dump_yaml(load_from_argv(argv, None), header="resolved configuration"), end="")
 
-    print(dump_yaml(load_from_argv(sys.argv[1:], None), header="resolved configuration"), end="")
+
+if __name__ == "__main__":
+    from etegrec.cli import run_script
+
+    run_script(_print_resolved, _print_resolved.__doc__, tuple(SECTIONS))

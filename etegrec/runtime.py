@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from etegrec.config import Config, dump_yaml
+from etegrec.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -119,14 +120,14 @@ class TensorBoard:
             self.writer.close()
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` = CUDA when present, else CPU; otherwise the named device."""
+def pick_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` = CUDA when present, else CPU; otherwise the named device (``key``: the config key, for errors)."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device=cpu or auto")
+        raise ConfigError(f"{key}={name!r} but CUDA is not available on this machine; use auto or cpu", key)
     return torch.device(name)
 
 

@@ -88,7 +88,7 @@ def test_vector_rows_checked(tmp_path: Path) -> None:
 
 def test_dual_vectors_normalised_and_concatenated(tmp_path: Path) -> None:
     files = _dataset(tmp_path)
-    cfg = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy", "--sasrec_hidden_size=2"])
+    cfg = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy", "--sasrec_hidden_size=2", "--sasrec_heads=1"])
     atomic_save_npy(files.collab_emb(2), np.array([[3, 4], [0, 2], [1, 0]], np.float32))
     atomic_save_npy(files.text_emb(3), np.array([[0, 0, 2], [1, 0, 0], [0, 1, 0]], np.float32))
     vecs = load_item_vectors(cfg, 3)

@@ -154,7 +154,7 @@ def test_main_reports_a_truncated_split_in_one_line(tmp_path: Path) -> None:
          "--raw_format=amazon2018", "--min_interactions=3", "--max_his_len=4", "--build_missing=false"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(test_split) in last and "Re-run step 1" in last
     assert "Traceback" not in done.stderr

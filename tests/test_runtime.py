@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from etegrec.runtime import setup_logging
+from etegrec.errors import ConfigError
+from etegrec.runtime import pick_device, setup_logging
 
 
 @pytest.fixture
@@ -39,3 +40,12 @@ def test_a_new_run_log_replaces_the_previous_run_log(tmp_path: Path, clean_etegr
     assert [line.split(": ", 1)[1] for line in (tmp_path / "joint.log").read_text().splitlines()] == ["joint line"]
     assert [line.split(": ", 1)[1] for line in (tmp_path / "bench.log").read_text().splitlines()] == [
         "sasrec line", "sasrec second line", "joint line"]
+
+
+def test_cuda_device_without_cuda_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^rq_device='cuda:1' but CUDA is not available on this machine; use auto"):
+        pick_device("cuda:1", "rq_device")
+    assert pick_device("auto", "rq_device").type == "cpu"

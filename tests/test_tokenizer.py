@@ -294,7 +294,7 @@ def test_killed_pretraining_run_is_never_used(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(pretrain, "save_rqvae", killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
-    unfinished = next(p for p in (tmp_path / "ckpt" / "Tiny").glob("*/best_collision_*.pth") if p != finished)
+    unfinished = next(p for p in (tmp_path / "ckpt" / "Tiny").glob("*/best_*.pth") if p.parent != finished.parent)
     assert resolve_rqvae_path(cfg) == finished  # latest.json still names the finished run
     assert json.loads((finished.parent / "run_status.json").read_text())["finished"] is True
     explicit = load_config(None, [*argv, f"--rqvae_path={unfinished}"])
@@ -302,7 +302,7 @@ def test_killed_pretraining_run_is_never_used(tmp_path: Path, monkeypatch: pytes
         resolve_rqvae_path(explicit)
 
 
-def test_main_script_flag_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_script_flag_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     spec = importlib.util.spec_from_file_location("rqvae_main", REPO_ROOT / "RQVAE" / "main.py")
     main = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(main)
@@ -310,13 +310,22 @@ def test_main_script_flag_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     cfg = main.build_config([
         "--num_emb_list", "256", "256", "256", "--layers", "1024", "512", "256", "--e_dim", "128",
-        "--batch_size", "2048", "--epochs", "10", "--device", "cpu", "--sk_epsilons", "0.0", "0.0", "0.003",
+        "--rq_batch_size", "2048", "--rq_epochs", "10", "--device", "cpu", "--sk_epsilons", "0.0", "0.0", "0.003",
         "--kmeans_iters", "7", "--collab_path", "c.npy", "--semantic_path", "/abs/t.npy", "--lr", "0.002",
     ])
     t = cfg.tokenizer
     assert (t.rq_batch_size, t.rq_epochs, t.rq_device, t.kmeans_iters, t.rq_lr) == (2048, 10, "cpu", 7, 0.002)
     assert t.layers == [1024, 512, 256] and t.sk_epsilons == [0.0, 0.0, 0.003]
     assert t.collab_emb_path == str(tmp_path / "c.npy") and t.text_emb_path == "/abs/t.npy"
+
+    # Joint-training keys mean what they mean everywhere; the reference's --eval_step / --epochs get a warning.
+    with caplog.at_level("WARNING", logger="etegrec.tokenizer"):
+        cfg = main.build_config(["--cycle=3", "--eval_step=3", "--epochs=5", "--rq_eval_step=4"])
+    assert (cfg.train.cycle, cfg.train.eval_step, cfg.train.epochs) == (3, 3, 5)
+    assert cfg.tokenizer.rq_eval_step == 4 and cfg.tokenizer.rq_epochs != 5
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "--eval_step is joint training's eval_step" in warned and "--rq_eval_step=4" in warned
+    assert f"--rq_epochs={cfg.tokenizer.rq_epochs}" in warned and "cycle" not in warned
 
 
 def test_revive_dead_codes_moves_only_dead_codes_onto_residuals() -> None:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from tiny_data import make_tiny_dataset
 
-from etegrec.artifacts import ArtifactError
-from etegrec.config import ConfigError, dump_yaml
+from etegrec.config import dump_yaml
+from etegrec.errors import ArtifactError, ConfigError, TrainingError
 from etegrec.rec import trainer
 from etegrec.rec.checkpoint import build_recommender, load_joint
 from etegrec.runtime import make_accelerator, set_seed
@@ -139,7 +139,7 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator) -> None:
 def test_non_finite_loss_names_step_and_part(tmp_path, accelerator, monkeypatch) -> None:
     cfg = make_tiny_dataset(tmp_path, epochs=2)
     monkeypatch.setattr(trainer, "psa_loss", lambda pref, recon, tau: pref.sum() * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"epoch 0 \(tokenizer phase\), step 0 .*non-finite parts: \['psa'\]"):
+    with pytest.raises(TrainingError, match=r"epoch 0 \(tokenizer phase\), step 0 .*non-finite parts: \['psa'\]"):
         trainer.run(cfg, accelerator)
 
 

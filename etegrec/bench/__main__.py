@@ -1,15 +1,22 @@
-"""``python -m etegrec.bench quality|speed [options] [--key=value overrides]``."""
+"""``python -m etegrec.bench quality|speed [options] [--key=value overrides]``.
+
+Options are those below; any other ``--key=value`` is a config override applied to every run (the keys of
+``python main.py --help``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from etegrec.bench.quality import MODELS
+from etegrec.cli import SETTINGS_HELP, run_script
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m etegrec.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m etegrec.bench", description=__doc__, epilog=SETTINGS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality", help="SASRec vs TIGER-style vs ETEGRec vs ETEGRec+GRPO, mean ± std over seeds")
     q.add_argument("--datasets", nargs="+", default=["beauty", "scientific"], help="config/<name>.yaml datasets")
@@ -37,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, __doc__, sections=None)

@@ -39,7 +39,8 @@ from etegrec.artifacts import (
     read_dataset_stats,
     rewriting_step1_outputs,
 )
-from etegrec.config import REPO_ROOT, Config, load_config
+from etegrec.config import REPO_ROOT, Config, load_config, resolve_path
+from etegrec.errors import ConfigError
 from etegrec.locks import FileLock
 
 logger = logging.getLogger("etegrec.bench")
@@ -201,7 +202,7 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
 
         sft = results.get(f"{key_prefix}/ETEGRec", {}).get("checkpoint")
         if not sft:
-            raise RuntimeError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
+            raise ConfigError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
         cfg.grpo.sft_ckpt = sft
         result = train_grpo(cfg, accelerator)
         return {"valid": result["grpo"]["valid"], "test": result["grpo"]["test"],
@@ -274,7 +275,9 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
 
     from etegrec.runtime import setup_logging
 
-    out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
+    out = resolve_path(args.out)
+    for dataset in args.datasets:  # a missing dataset config or a bad override stops here, before any run
+        seed_config(dataset, args.preset, args.seeds[0], out, overrides)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}

@@ -24,7 +24,7 @@ import torch
 
 from etegrec.artifacts import atomic_write_json, atomic_write_text
 from etegrec.bench.quality import machine_description
-from etegrec.config import REPO_ROOT, ModelConfig, load_config
+from etegrec.config import REPO_ROOT, ModelConfig, load_config, resolve_path
 from etegrec.runtime import peak_memory_mb, sync_device
 
 logger = logging.getLogger("etegrec.bench")
@@ -165,14 +165,14 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from etegrec.rec.trainer import JointTrainer
     from etegrec.runtime import make_accelerator, setup_logging
 
-    out = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
+    out = resolve_path(args.out)
     result_file = out / f"speed_{args.dataset}.json"
-    setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     cfg = load_config(
         REPO_ROOT / "config" / f"{args.dataset}.yaml",
         [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}", f"--log_dir={out / 'speed_logs'}",
          "--tensorboard=false"] + overrides,
     )
+    setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     build_missing(cfg)
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     accelerator = make_accelerator()

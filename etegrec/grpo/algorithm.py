@@ -53,6 +53,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from etegrec.config import GRPO_REWARD_TYPES
+
 # Rewards within this distance count as equal (float noise in cosine rewards).
 EQUAL_REWARD_TOL = 1e-6
 
@@ -142,7 +144,7 @@ def compute_rewards(
     elif reward_type == "none":
         graded = torch.zeros_like(hit)
     else:
-        raise ValueError(f"grpo_reward_type={reward_type!r}; use one of: prefix, cosine, none")
+        raise ValueError(f"grpo_reward_type={reward_type!r}; use one of: {', '.join(GRPO_REWARD_TYPES)}")
     return Rewards(reward=hit + alpha * graded, hit=hit, graded=graded)
 
 

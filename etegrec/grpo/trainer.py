@@ -66,7 +66,7 @@ from etegrec.artifacts import (
     load_item_vectors,
     load_splits,
 )
-from etegrec.config import Config, ConfigError, GRPOConfig, config_from_dict
+from etegrec.config import Config, ConfigError, GRPOConfig, config_from_dict, resolve_path
 from etegrec.grpo.algorithm import (
     Rewards,
     compute_rewards,
@@ -76,6 +76,7 @@ from etegrec.grpo.algorithm import (
     masked_log_softmax,
     token_kl,
 )
+from etegrec.errors import TrainingError
 from etegrec.rec.checkpoint import load_joint, read_joint, save_joint
 from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader, train_loader
 from etegrec.rec.evaluate import evaluate
@@ -121,14 +122,6 @@ ARCHITECTURE_KEYS = frozenset(f.name for f in dataclasses.fields(config_mod.Mode
 
 
 # --------------------------------------------------------------------------------------------- config
-def _resolve_path(value: str) -> Path:
-    """A path as typed by the user: relative to the working directory if it exists there, else the repo root."""
-    p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    return config_mod.REPO_ROOT / p
-
-
 def checkpoint_config(path: Path) -> dict[str, Any]:
     """The flat config stored in a joint-training (or GRPO) checkpoint."""
     return dict(read_joint(path)["config"])
@@ -143,10 +136,10 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
     """
     path, rest = config_mod.add_config_argument(argv, None)
     cli = config_mod.typed_values(config_mod.parse_overrides(rest), "command line")
-    from_file = config_mod.read_yaml_values(_resolve_path(path)) if path is not None else {}
+    from_file = config_mod.read_yaml_values(resolve_path(path, working_dir_first=True)) if path is not None else {}
     resume = cli.get("resume") or from_file.get("resume")
     if resume:
-        resume_path = _resolve_path(resume)
+        resume_path = resolve_path(resume, working_dir_first=True)
         given = {k: v for k, v in from_file.items() if k in MUTABLE_KEYS | ARCHITECTURE_KEYS} | cli
         return resumed_config(resume_path, read_resume_checkpoint(resume_path), given)
     sft = cli.get("sft_ckpt") or from_file.get("sft_ckpt")
@@ -155,7 +148,7 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
             "GRPO needs a joint-training checkpoint: add --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output), "
             "or continue an interrupted GRPO run with --resume=myckpt/<dataset>/<run>_grpo/last.pt"
         )
-    sft_path = _resolve_path(sft)
+    sft_path = resolve_path(sft, working_dir_first=True)
     cfg = config_from_dict(checkpoint_config(sft_path))
     cfg.train.resume = ""  # the SFT run's own resume point (if it was resumed); this run starts fresh
     base = cfg.to_dict()
@@ -203,7 +196,9 @@ def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Co
     stored = cfg.to_dict()
     ignored: dict[str, Any] = {}
     for leaf, value in given.items():
-        same = _resolve_path(value) == Path(stored[leaf]) if leaf == "sft_ckpt" else value == stored[leaf]
+        if leaf == "sft_ckpt":
+            value = str(resolve_path(value, working_dir_first=True))
+        same = value == stored[leaf]
         if leaf != "resume" and not same:
             ignored[leaf] = value
     if ignored:
@@ -383,7 +378,7 @@ def policy_update(
                     kl_coeff=cfg.grpo_kl_coeff,
                 )
                 if not torch.isfinite(res.loss):
-                    raise FloatingPointError(
+                    raise TrainingError(
                         f"GRPO loss is not finite (policy={res.policy.item()}, kl={res.kl.item()}, "
                         f"ratio={res.ratio.item()}); lower grpo_lr or raise grpo_kl_coeff"
                     )
@@ -467,7 +462,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     ``best.pt`` is the kept model (the SFT weights unless a GRPO epoch is strictly better on validation). A resumed
     run uses the stored config and writes into the folder of its ``last.pt``.
     """
-    resume_path = _resolve_path(cfg.train.resume) if cfg.train.resume else None
+    resume_path = resolve_path(cfg.train.resume, working_dir_first=True) if cfg.train.resume else None
     resume = read_resume_checkpoint(resume_path) if resume_path is not None else None
     if resume is not None:
         cfg = resumed_config(resume_path, resume, cfg.to_dict())

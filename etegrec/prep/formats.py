@@ -8,7 +8,8 @@ from pathlib import Path
 from etegrec.config import REPO_ROOT, Config
 from etegrec.prep import converters
 from etegrec.prep.amazon import AMAZON_FORMATS
-from etegrec.prep.reading import PrepError, RawFormat
+from etegrec.errors import PrepError
+from etegrec.prep.reading import RawFormat
 
 SHARED_DATA = Path(os.environ.get("ETEGREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -44,7 +44,8 @@ from etegrec.artifacts import (
 )
 from etegrec.config import Config
 from etegrec.prep.formats import find_inputs, raw_formats
-from etegrec.prep.reading import ItemText, LineReport, PrepError, RawFormat, Row
+from etegrec.errors import PrepError
+from etegrec.prep.reading import ItemText, LineReport, RawFormat, Row
 
 logger = logging.getLogger("etegrec.prep")
 

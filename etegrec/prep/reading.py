@@ -23,15 +23,12 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from etegrec.config import Config
+from etegrec.errors import PrepError
 
 logger = logging.getLogger("etegrec.prep")
 
 MAX_EXAMPLES = 5  # malformed lines quoted in the log and in the error message
 _TAGS = re.compile(r"<[^>]{0,500}>")
-
-
-class PrepError(ValueError):
-    """Missing or unusable input to data preparation; the message says what to change."""
 
 
 class BadLine(ValueError):

@@ -8,17 +8,15 @@ vectorised comparison of item ids (candidates are distinct real items, see ``gen
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
-_METRIC = re.compile(r"^(recall|ndcg)@([1-9][0-9]*)$")
+from etegrec.config import METRIC_NAME
 
 
 def parse_metric(name: str) -> tuple[str, int]:
     """``"ndcg@10"`` -> ``("ndcg", 10)``; ValueError for anything but recall@k / ndcg@k."""
-    match = _METRIC.match(name)
+    match = METRIC_NAME.match(name)
     if match is None:
         raise ValueError(f"unknown metric {name!r}: use recall@K or ndcg@K with K a positive integer, e.g. ndcg@10")
     return match.group(1), int(match.group(2))

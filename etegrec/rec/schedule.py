@@ -32,8 +32,9 @@ from typing import NamedTuple
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from etegrec.config import ABLATIONS, LR_SCHEDULERS
+
 PHASES = ("tokenizer", "recommender", "joint", "finetune")
-ABLATIONS = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
 
 
 class ConfigWeights(NamedTuple):
@@ -143,7 +144,7 @@ def lr_lambda(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> f
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
         return 1.0 - progress
-    raise ValueError(f"lr_scheduler_type={kind!r}; use cosine, linear or constant")
+    raise ValueError(f"lr_scheduler_type={kind!r}; use one of: {', '.join(LR_SCHEDULERS)}")
 
 
 class _Lambda:

@@ -48,7 +48,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from etegrec.artifacts import DatasetFiles, load_item_map, load_item_vectors, load_splits
-from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.config import Config, config_from_dict
+from etegrec.errors import ArtifactError, ConfigError, TrainingError
 from etegrec.rec.checkpoint import build_recommender, read_joint, save_joint
 from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, train_loader
 from etegrec.rec.evaluate import evaluate
@@ -97,9 +98,9 @@ class JointTrainer:
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
         cfg.validate()  # also catches values set after loading (fail before loading anything)
-        resume = read_joint(cfg.train.resume) if cfg.train.resume else None
+        resume = read_joint(cfg.path(cfg.train.resume)) if cfg.train.resume else None
         if resume is not None:
-            cfg = _resume_config(cfg, resume)
+            cfg = resumed_config(cfg.path(cfg.train.resume), resume, cfg.to_dict())
         self.cfg = cfg
         tc = cfg.train
         self.acc = accelerator
@@ -110,7 +111,7 @@ class JointTrainer:
 
         # ---- run folder, logs, TensorBoard (one name for all processes: the main process's clock)
         if resume is not None:
-            self.run_dir = Path(cfg.train.resume).resolve().parent
+            self.run_dir = cfg.path(cfg.train.resume).parent
         else:
             self.run_dir = new_run_dir(cfg.path(tc.ckpt_dir) / cfg.data.dataset, timestamp(), accelerator)
         name = self.run_dir.name
@@ -228,19 +229,19 @@ class JointTrainer:
     def _check_codes(self, codes: Tensor) -> None:
         m = self.cfg.model
         if codes.dim() != 2 or codes.shape[0] != self.n_items:
-            raise ValueError(
+            raise ArtifactError(
                 f"the tokenizer's item-code table has shape {tuple(codes.shape)} but the item map has {self.n_items} "
                 "items: the RQ-VAE checkpoint was made for another dataset or data preparation. Re-run step 3 "
                 "(`cd RQVAE && bash run_dual.sh`) or point rqvae_path at this dataset's checkpoint"
             )
         if codes.shape[1] != m.code_length:
-            raise ValueError(
+            raise ArtifactError(
                 f"the tokenizer's item IDs have {codes.shape[1]} tokens but code_length={m.code_length}; set "
                 f"code_length={codes.shape[1]} (levels + 1 suffix) or use a checkpoint with "
                 f"{m.code_length - 1} levels"
             )
         if int(codes.min()) < 0 or int(codes.max()) >= m.code_num:
-            raise ValueError(
+            raise ArtifactError(
                 f"item codes span [{int(codes.min())}, {int(codes.max())}] but code_num={m.code_num}; set code_num to "
                 "the checkpoint's codebook size (its num_emb_list entries)"
             )
@@ -347,7 +348,7 @@ class JointTrainer:
         if not bool(torch.isfinite(values).all()):
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, values))
             bad = [k for k, v in zip(parts, values) if not math.isfinite(float(v))]
-            raise FloatingPointError(
+            raise TrainingError(
                 f"non-finite loss at epoch {self.state.epochs_done} ({plan.phase} phase), step {step} of the epoch "
                 f"(global step {self.state.global_step}): {shown}; non-finite parts: {bad}. Lower the learning rate "
                 "(lr_rec / lr_id / finetune_lr) or the weight of the failing term, or raise warmup_steps"
@@ -662,14 +663,26 @@ class JointTrainer:
         }
 
 
-def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
-    """The interrupted run's own config (so the continuation equals an uninterrupted run)."""
+def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
+    """The interrupted run's own config (so the continuation equals an uninterrupted run).
+
+    Args:
+        path: the run's ``last.pt``.
+        obj: its raw contents (``read_joint``).
+        given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
+    """
+    if not {"rec", "id"} <= obj.get("optimizers", {}).keys() or not obj.get("trainer"):
+        raise ArtifactError(
+            f"resume checkpoint {path} is not the last.pt of a joint-training run (phase {obj.get('phase')!r}); "
+            "resume step 4 with --resume=myckpt/<dataset>/<run>/last.pt (a GRPO run's with train_grpo.py)"
+        )
     try:
         stored = config_from_dict(obj["config"])
     except ConfigError as err:
-        raise ValueError(f"resume checkpoint {cfg.train.resume}: stored config is unreadable ({err})") from None
-    stored.train.resume = cfg.train.resume
-    ignored = {k: v for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v}
+        raise ArtifactError(f"resume checkpoint {path}: its stored config does not fit this version of the code "
+                            f"({err})") from None
+    stored.train.resume = str(path)
+    ignored = {k: v for k, v in given.items() if k != "resume" and stored.to_dict().get(k) != v}
     if ignored:
         logger.warning(
             "resuming with the checkpoint's config; these command-line/config values are ignored: %s", ignored

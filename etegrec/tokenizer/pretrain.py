@@ -68,6 +68,7 @@ from etegrec.artifacts import (
     text_emb_path,
 )
 from etegrec.config import Config
+from etegrec.errors import TrainingError
 from etegrec.runtime import TensorBoard, pick_device, set_seed, setup_logging, timestamp, write_run_info
 from etegrec.tokenizer.item_codes import add_suffix, collision_stats
 from etegrec.tokenizer.rqvae import RQVAE, save_rqvae
@@ -228,7 +229,7 @@ def run(cfg: Config) -> Path:
     """Pretrain the tokenizer of ``cfg`` and return the best_collision checkpoint path."""
     t = cfg.tokenizer
     set_seed(t.rq_seed)
-    device = pick_device(t.rq_device)
+    device = pick_device(t.rq_device, "rq_device")
     files = DatasetFiles.from_config(cfg)
     n_items = len(load_item_map(files)) - 1
     x = torch.from_numpy(load_item_vectors(cfg, n_items)).to(device)  # (N, d_s)
@@ -303,7 +304,7 @@ def run(cfg: Config) -> Path:
             out = model(xb, sk_epsilons=t.sk_epsilons, sk_iters=t.sk_iters)
             loss = out.loss_recon + out.loss_rq
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingError(
                     f"RQ-VAE loss became {float(loss)} at epoch {epoch}; lower rq_lr (now {t.rq_lr}) or check the "
                     "input vectors"
                 )
@@ -340,7 +341,7 @@ def run(cfg: Config) -> Path:
     bar.close()
     tb.close()
     if "collision" not in keeper.files:
-        raise ValueError(
+        raise TrainingError(
             "no checkpoint could be saved: every evaluation had a collision group larger than "
             f"code_num={code_num}. Train with Sinkhorn (--sk_epsilons), longer, or with larger codebooks."
         )
