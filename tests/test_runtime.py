@@ -39,3 +39,29 @@ def test_a_new_run_log_replaces_the_previous_run_log(tmp_path: Path, clean_etegr
     assert [line.split(": ", 1)[1] for line in (tmp_path / "joint.log").read_text().splitlines()] == ["joint line"]
     assert [line.split(": ", 1)[1] for line in (tmp_path / "bench.log").read_text().splitlines()] == [
         "sasrec line", "sasrec second line", "joint line"]
+
+
+def test_a_resumed_run_keeps_its_own_config_and_rejects_an_unreadable_one(tmp_path: Path) -> None:
+    from etegrec.artifacts import ArtifactError
+    from etegrec.config import Config
+    from etegrec.runtime import resumed_config
+
+    stored = Config()
+    stored.train.lr_rec = 0.5
+    path = tmp_path / "run" / "last.pt"
+    cfg = resumed_config(path, {"config": stored.to_dict()}, {"lr_rec": 0.1, "resume": "elsewhere.pt"})
+    assert cfg.train.lr_rec == 0.5 and cfg.train.resume == str(path)
+    with pytest.raises(ArtifactError, match="last.pt: its stored config does not fit"):
+        resumed_config(path, {"config": {**stored.to_dict(), "renamed_key": 1}}, {})
+
+
+def test_epoch_seed_depends_on_seed_epoch_and_rank_only() -> None:
+    import torch
+
+    from etegrec.runtime import seed_epoch
+
+    draws = []
+    for seed, epoch, rank in [(1, 2, 0), (1, 2, 0), (1, 3, 0), (1, 2, 1)]:
+        seed_epoch(seed, epoch, rank)
+        draws.append(torch.rand(1).item())
+    assert draws[0] == draws[1] and len(set(draws)) == 3

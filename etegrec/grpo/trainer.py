@@ -63,7 +63,6 @@ from etegrec.artifacts import (
     DatasetFiles,
     atomic_write_json,
     load_item_map,
-    load_item_vectors,
     load_splits,
 )
 from etegrec.config import Config, ConfigError, GRPOConfig, config_from_dict
@@ -77,12 +76,12 @@ from etegrec.grpo.algorithm import (
     token_kl,
 )
 from etegrec.rec.checkpoint import load_joint, read_joint, save_joint
-from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader, train_loader
+from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
 from etegrec.rec.generation import ItemTrie, sample, trim_history
 from etegrec.rec.model import EncoderOut, GenerativeRecommender
 from etegrec.rec.schedule import build_scheduler
-from etegrec.runtime import TensorBoard, new_run_dir, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.runtime import TensorBoard, cpu_state, resumed_config, seed_epoch, start_training_run
 
 logger = logging.getLogger("etegrec.grpo")
 
@@ -139,7 +138,7 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
 
     Only GRPO and run-time keys (``MUTABLE_KEYS``) may change. A command-line value for any other key must equal
     the checkpoint's; a config file may hold other stages' keys (ignored) but not a different architecture.
-    With ``--resume=<run>_grpo/last.pt`` the config is that run's own (see ``resumed_config``).
+    With ``--resume=<run>_grpo/last.pt`` the config is that run's own (``runtime.resumed_config``).
     """
     path, rest = config_mod.add_config_argument(argv, None)
     cli = config_mod.typed_values(config_mod.parse_overrides(rest), "command line")
@@ -148,7 +147,7 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
     if resume:
         resume_path = _resolve_path(resume)
         given = {k: v for k, v in from_file.items() if k in MUTABLE_KEYS | ARCHITECTURE_KEYS} | cli
-        return resumed_config(resume_path, read_resume_checkpoint(resume_path), given)
+        return _resumed_grpo_config(resume_path, read_resume_checkpoint(resume_path), given)
     sft = cli.get("sft_ckpt") or from_file.get("sft_ckpt")
     if not sft:
         raise ConfigError(
@@ -187,33 +186,11 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
-def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
-    """The interrupted run's own config (so that the continuation equals an uninterrupted run).
-
-    Args:
-        path: the run's ``last.pt``.
-        obj: its raw contents (``read_resume_checkpoint``).
-        given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
-    """
-    try:
-        cfg = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err})") from None
-    cfg.train.resume = str(path)
-    stored = cfg.to_dict()
-    ignored: dict[str, Any] = {}
-    for leaf, value in given.items():
-        same = _resolve_path(value) == Path(stored[leaf]) if leaf == "sft_ckpt" else value == stored[leaf]
-        if leaf != "resume" and not same:
-            ignored[leaf] = value
-    if ignored:
-        logger.warning(
-            "resuming %s with its own config (%s); these values are ignored: %s",
-            path.parent.name,
-            path.parent / "config.yaml",
-            ignored,
-        )
-    return cfg.validate()
+def _resumed_grpo_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
+    """``runtime.resumed_config`` with ``sft_ckpt`` compared as the file it names."""
+    if given.get("sft_ckpt"):
+        given = {**given, "sft_ckpt": str(_resolve_path(given["sft_ckpt"]))}
+    return resumed_config(path, obj, given)
 
 
 # ---------------------------------------------------------------------------------------------- scorer
@@ -409,8 +386,7 @@ def _item_vectors(cfg: Config, n_items: int, device: torch.device) -> Tensor | N
     """(N + 1, d) tokenizer input vectors with a zero padding row, for the cosine reward; else None."""
     if cfg.grpo.grpo_reward_type != "cosine":
         return None
-    vectors = torch.from_numpy(load_item_vectors(cfg, n_items))  # (N, d)
-    return torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(device)
+    return item_vectors_by_id(cfg, n_items).to(device)
 
 
 def _check_architecture(cfg: Config, stored: Config, path: str) -> None:
@@ -447,11 +423,6 @@ class GRPOState:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of one epoch on one process (rollouts and any other randomness depend on nothing else)."""
-    return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
-
-
 def _weights_sha256(weights: dict[str, Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(weights):
@@ -470,7 +441,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
     resume_path = _resolve_path(cfg.train.resume) if cfg.train.resume else None
     resume = read_resume_checkpoint(resume_path) if resume_path is not None else None
     if resume is not None:
-        cfg = resumed_config(resume_path, resume, cfg.to_dict())
+        cfg = _resumed_grpo_config(resume_path, resume, cfg.to_dict())
     g, tr = cfg.grpo, cfg.train
     if not g.sft_ckpt:
         raise ValueError("cfg.grpo.sft_ckpt is empty; pass --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output)")
@@ -481,16 +452,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
         )
     main = accelerator.is_main_process
     device = accelerator.device
-    if resume_path is not None:
-        run_dir = resume_path.parent
-    else:
-        run_dir = new_run_dir(cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset, f"{timestamp()}_grpo", accelerator)
-    run_name = run_dir.name
-    log_root = cfg.path(tr.log_dir) / cfg.data.dataset
-    setup_logging(log_root / f"{run_name}.log", is_main=main)
-    if main:
-        write_run_info(run_dir, cfg)
-    tb = TensorBoard(log_root / "tb" / run_name, enabled=tr.tensorboard and main)
+    run_dir, tb = start_training_run(cfg, accelerator, resume_path, suffix="_grpo")
     logger.info(
         "GRPO run %s from %s on %d process(es), device %s", run_dir, g.sft_ckpt, accelerator.num_processes, device
     )
@@ -594,14 +556,14 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
         logger.info("SFT checkpoint, valid: %s", json.dumps(st.sft_valid))
         st.best_score, st.best_valid = st.sft_valid[key], st.sft_valid
         st.evaluations.append({"epoch": 0, "valid": st.sft_valid})
-        best_weights = _cpu_state(policy)
+        best_weights = cpu_state(policy)
         save("best.pt", {"valid": st.sft_valid, "kept": "sft"}, best_weights, with_state=False)
         save("last.pt", {"valid": st.sft_valid}, best_weights, with_state=True)
         tb.scalars(0, st.sft_valid, prefix="valid/")
 
     while not st.done:
         epoch = st.epoch + 1
-        set_seed(_epoch_seed(tr.seed, epoch, accelerator.process_index))
+        seed_epoch(tr.seed, epoch, accelerator.process_index)
         train_dl.batch_sampler.set_epoch(epoch)
         epoch_stats, st.step = _train_epoch(
             policy,
@@ -629,7 +591,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
             tb.scalars(epoch, valid, prefix="valid/")
             if valid[key] > st.best_score:
                 st.best_epoch, st.best_score, st.best_valid, st.patience = epoch, valid[key], valid, 0
-                best_weights = _cpu_state(policy)
+                best_weights = cpu_state(policy)
                 save("best.pt", {"valid": valid, "kept": "grpo"}, best_weights, with_state=False)
                 logger.info("epoch %d valid %s=%.6f: new best, saved %s", epoch, key, valid[key], run_dir / "best.pt")
             else:
@@ -648,7 +610,7 @@ def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
                     logger.info("early stop after epoch %d", epoch)
                     st.done = True
         st.done = st.done or epoch >= g.grpo_epochs
-        save("last.pt", {"valid": st.evaluations[-1]["valid"]}, _cpu_state(policy), with_state=True)
+        save("last.pt", {"valid": st.evaluations[-1]["valid"]}, cpu_state(policy), with_state=True)
 
     # ---- final: SFT vs kept model, valid and test
     kept = "sft" if st.best_epoch == 0 else "grpo"
@@ -731,10 +693,6 @@ def _check_replicas_agree(model: nn.Module, accelerator: Any) -> None:
     sums = accelerator.gather(checksum.to(accelerator.device))  # (world,)
     if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0.0):
         raise RuntimeError(f"GRPO replicas diverged (weight checksums {sums.tolist()}); gradients were not all-reduced")
-
-
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _train_epoch(

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from etegrec.artifacts import STEP_JOINT, ArtifactError, atomic_torch_save
-from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.config import Config
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.runtime import cpu_state, stored_config
 from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state
 
 CKPT_FORMAT = "etegrec.joint/1"
@@ -46,10 +47,6 @@ def build_recommender(cfg: Config, tokenizer_args: dict[str, Any]) -> Generative
     return GenerativeRecommender(
         cfg=cfg.model, semantic_dim=int(tokenizer_args["in_dim"]), latent_dim=int(tokenizer_args["e_dim"])
     )
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def save_joint(
@@ -73,8 +70,8 @@ def save_joint(
     obj: dict[str, Any] = {
         "format": CKPT_FORMAT,
         "config": cfg.to_dict(),
-        "model": _cpu_state(model),
-        "tokenizer": _cpu_state(tokenizer),
+        "model": cpu_state(model),
+        "tokenizer": cpu_state(tokenizer),
         "tokenizer_args": tokenizer.model_args(),
         "item_codes": item_codes.detach().cpu().long().clone(),
         "epoch": int(epoch),
@@ -111,10 +108,7 @@ def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> Jo
         JointState with both models in eval mode on ``map_location``.
     """
     obj = read_joint(path, map_location)
-    try:
-        cfg = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err}).") from None
+    cfg = stored_config(Path(path), obj)
     tokenizer = RQVAE(**obj["tokenizer_args"])
     load_tokenizer_state(tokenizer, obj["tokenizer"], f"joint checkpoint {path}")
     model = build_recommender(cfg, obj["tokenizer_args"])

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from etegrec.artifacts import SplitData
+from etegrec.artifacts import SplitData, load_item_vectors
+from etegrec.config import Config
 
 
 class ItemBatch(NamedTuple):
@@ -42,6 +43,12 @@ class Batch(NamedTuple):
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device``."""
         return Batch(*(t.to(device, non_blocking=True) for t in self))
+
+
+def item_vectors_by_id(cfg: Config, n_items: int) -> Tensor:
+    """The tokenizer's input vectors indexed by item id: (N+1, d_s), row i = item i, row 0 (padding) zeros."""
+    vectors = torch.from_numpy(load_item_vectors(cfg, n_items))  # (N, d_s)
+    return torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors])
 
 
 class CodeTable:

@@ -47,24 +47,22 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from etegrec.artifacts import DatasetFiles, load_item_map, load_item_vectors, load_splits
-from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
+from etegrec.config import Config
 from etegrec.rec.checkpoint import build_recommender, read_joint, save_joint
-from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, train_loader
+from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
 from etegrec.rec.generation import ItemTrie
 from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
 from etegrec.runtime import (
-    TensorBoard,
-    new_run_dir,
     peak_memory_mb,
+    resumed_config,
+    seed_epoch,
     set_seed,
-    setup_logging,
+    start_training_run,
     sync_device,
-    timestamp,
-    write_run_info,
 )
 from etegrec.tokenizer.item_codes import build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
@@ -88,18 +86,15 @@ class TrainerState:
     patience: int = 0  # evaluations without improvement in the current stage
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
-
-
 class JointTrainer:
     """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
         cfg.validate()  # also catches values set after loading (fail before loading anything)
-        resume = read_joint(cfg.train.resume) if cfg.train.resume else None
+        resume_path = Path(cfg.train.resume) if cfg.train.resume else None
+        resume = read_joint(resume_path) if resume_path is not None else None
         if resume is not None:
-            cfg = _resume_config(cfg, resume)
+            cfg = resumed_config(resume_path, resume, cfg.to_dict())
         self.cfg = cfg
         tc = cfg.train
         self.acc = accelerator
@@ -108,17 +103,7 @@ class JointTrainer:
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
 
-        # ---- run folder, logs, TensorBoard (one name for all processes: the main process's clock)
-        if resume is not None:
-            self.run_dir = Path(cfg.train.resume).resolve().parent
-        else:
-            self.run_dir = new_run_dir(cfg.path(tc.ckpt_dir) / cfg.data.dataset, timestamp(), accelerator)
-        name = self.run_dir.name
-        log_root = cfg.path(tc.log_dir) / cfg.data.dataset
-        setup_logging(log_root / f"{name}.log", is_main=self.is_main)
-        self.tb = TensorBoard(log_root / "tb" / name, enabled=tc.tensorboard and self.is_main)
-        if self.is_main:
-            write_run_info(self.run_dir, cfg)
+        self.run_dir, self.tb = start_training_run(cfg, accelerator, resume_path)
         logger.info(
             "joint training on %s, %d process(es) on %s, run folder %s",
             cfg.data.dataset,
@@ -132,8 +117,7 @@ class JointTrainer:
         item_map = load_item_map(files)
         self.n_items = len(item_map) - 1
         splits = load_splits(files, item_map, cfg.data.max_his_len)
-        vectors = torch.from_numpy(load_item_vectors(cfg, self.n_items))  # (N, d_s)
-        self.vectors = torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(self.device)  # (N+1, d_s)
+        self.vectors = item_vectors_by_id(cfg, self.n_items).to(self.device)  # (N+1, d_s)
 
         # ---- tokenizer and the item-code table it defines
         if resume is not None:
@@ -146,7 +130,7 @@ class JointTrainer:
             self.tokenizer, obj = load_rqvae(
                 path,
                 expected_args={
-                    "in_dim": int(vectors.shape[1]),
+                    "in_dim": int(self.vectors.shape[1]),
                     "layers": t.layers,
                     "e_dim": t.e_dim,
                     "num_emb_list": t.num_emb_list,
@@ -393,7 +377,7 @@ class JointTrainer:
     def _train_epoch(self, plan: EpochPlan) -> dict[str, float]:
         tc = self.cfg.train
         s = self.state
-        set_seed(_epoch_seed(tc.seed, s.epochs_done, self.rank))
+        seed_epoch(tc.seed, s.epochs_done, self.rank)
         self.train_loader.batch_sampler.set_epoch(s.epochs_done)
         self._set_modes(plan)
         groups = self._optimizers(plan)
@@ -660,21 +644,6 @@ class JointTrainer:
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
-
-
-def _resume_config(cfg: Config, obj: dict[str, Any]) -> Config:
-    """The interrupted run's own config (so the continuation equals an uninterrupted run)."""
-    try:
-        stored = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ValueError(f"resume checkpoint {cfg.train.resume}: stored config is unreadable ({err})") from None
-    stored.train.resume = cfg.train.resume
-    ignored = {k: v for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v}
-    if ignored:
-        logger.warning(
-            "resuming with the checkpoint's config; these command-line/config values are ignored: %s", ignored
-        )
-    return stored.validate()
 
 
 def run(cfg: Config, accelerator: Any) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from etegrec.artifacts import (
     text_emb_path,
 )
 from etegrec.config import Config
-from etegrec.runtime import TensorBoard, pick_device, set_seed, setup_logging, timestamp, write_run_info
+from etegrec.runtime import new_run_dir, pick_device, set_seed, start_run, timestamp
 from etegrec.tokenizer.item_codes import add_suffix, collision_stats
 from etegrec.tokenizer.rqvae import RQVAE, save_rqvae
 
@@ -235,15 +235,9 @@ def run(cfg: Config) -> Path:
     code_num = cfg.model.code_num
 
     root = ckpt_root(cfg)
-    stamp = timestamp()
-    run_dir = root / stamp
-    suffix = 1
-    while run_dir.exists():  # two runs in the same second
-        run_dir, suffix = root / f"{stamp}-{suffix}", suffix + 1
+    run_dir = new_run_dir(root, timestamp())
     log_dir = cfg.path(cfg.train.log_dir) / cfg.data.dataset / "rqvae" / run_dir.name
-    setup_logging(log_dir / "pretrain.log")
-    write_run_info(run_dir, cfg)
-    tb = TensorBoard(log_dir, enabled=cfg.train.tensorboard)
+    tb = start_run(cfg, run_dir, log_dir / "pretrain.log", log_dir)
     input_info = {
         "tokenizer_input": t.tokenizer_input,
         "n_items": n_items,

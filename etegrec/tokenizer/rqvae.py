@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from etegrec.artifacts import STEP_RQVAE, ArtifactError, atomic_torch_save
+from etegrec.runtime import cpu_state
 from etegrec.tokenizer.quantizer import ResidualQuantizer
 
 CKPT_FORMAT = "etegrec.rqvae/1"
@@ -184,7 +185,7 @@ def save_rqvae(
     obj: dict[str, Any] = {
         "format": CKPT_FORMAT,
         "model_args": model.model_args(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": cpu_state(model),
         "item_codes": item_codes.detach().cpu().long().clone(),
         "metrics": {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()},
         "config": cfg if isinstance(cfg, dict) else cfg.to_dict(),
