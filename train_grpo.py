@@ -7,7 +7,7 @@
 
 ``--sft_ckpt`` alone rebuilds model, tokenizer and item codes from the config stored in the checkpoint; an
 optional ``--config FILE`` and ``--key=value`` overrides may change GRPO and run-time keys only
-(``etegrec.grpo.trainer.MUTABLE_KEYS``), never the architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
+(``etegrec.grpo.config.MUTABLE_KEYS``), never the architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
 ``--resume=myckpt/<DATASET>/<TIMESTAMP>_grpo/last.pt`` continues an interrupted run in its folder, with its own
 config, exactly as if it had not stopped.
 """
@@ -18,7 +18,8 @@ import sys
 
 from etegrec.artifacts import ArtifactError
 from etegrec.config import ConfigError
-from etegrec.grpo.trainer import load_grpo_config, run
+from etegrec.grpo.config import load_grpo_config
+from etegrec.grpo.trainer import run
 from etegrec.runtime import make_accelerator
 
 

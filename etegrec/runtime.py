@@ -201,6 +201,21 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def load_checkpoint_file(path: Path, what: str, step: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with an ArtifactError naming the file when it is missing or is not
+    a torch checkpoint (``what``: its kind, ``step``: the step that makes it)."""
+    import torch
+
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} does not exist; it is made by {step}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a damaged or foreign file: zip, pickle or unpickler errors (a text file: KeyError)
+        raise ArtifactError(
+            f"{path} is not a readable {what} ({type(err).__name__}: {err}); re-create it with {step}."
+        ) from None
+
+
 def stored_config(path: Path, obj: dict[str, Any]) -> Config:
     """The config a checkpoint was written with.
 

@@ -9,7 +9,8 @@ Scores (one definition per use, stated once here):
 * **Sampling distribution** (``sample``, and ``sequence_log_probs(trie=...)``): the constrained, renormalised
   distribution ``sum_l log_softmax(mask_l(logits_l / T))[c_l]`` where ``mask_l`` keeps the trie children of
   the sampled prefix. It is a proper distribution over the catalogue (every sample is a real item), which is
-  what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients.
+  what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients, from the
+  logits of ``SequenceScorer`` (the one teacher-forced scorer, also GRPO's).
 
 Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
 * Users are sorted by history length and encoded in a few length chunks (``_length_chunks``: fewest padded
@@ -146,6 +147,11 @@ class ItemTrie:
             if level < self.code_length - 1:
                 state = self._advance(level, state, codes[..., level])
         return torch.stack(states, dim=-1)
+
+    def allowed_tokens(self, codes: Tensor) -> Tensor:
+        """Trie children of every prefix of the given items: (N, C) codes -> (N, C, K) bool."""
+        states = self.prefix_states(codes)  # (N, C)
+        return torch.stack([self.next_states(lvl, states[:, lvl]) >= 0 for lvl in range(codes.shape[1])], dim=1)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Item id of every code tuple: (..., C) -> (...) long, 0 where the tuple is not an item."""
@@ -456,6 +462,38 @@ def _sample(
     )
 
 
+class SequenceScorer(nn.Module):
+    """Teacher-forced next-token logits of given code tuples, G per history, the encoder run once per history.
+
+    A module rather than a function so that GRPO can wrap it in DDP: its forward then runs through the wrapper
+    and gradients are all-reduced across processes.
+
+    Args:
+        model: the recommender (its parameters are this module's parameters).
+    """
+
+    def __init__(self, *, model: GenerativeRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_codes: Tensor, codes: Tensor) -> Tensor:
+        """Logits at every level, temperature 1, in the model's current mode.
+
+        Args:
+            history_codes: (B, S) long, -1 = padding.
+            codes: (B, G, C) long.
+        Returns:
+            (B*G, C, K) float, rows user-major.
+        """
+        batch, group, length = codes.shape
+        enc = self.model.encode(trim_history(history_codes))  # hidden (B, S', d)
+        enc = EncoderOut(hidden=enc.hidden.repeat_interleave(group, 0), mask=enc.mask.repeat_interleave(group, 0))
+        flat = codes.reshape(batch * group, length)  # (B*G, C)
+        hidden = self.model.decode(enc, flat[:, :-1]).hidden  # (B*G, C, d)
+        tables = torch.stack([emb.weight for emb in self.model.token_embeddings])  # (C, K, d)
+        return torch.einsum("ncd,ckd->nck", hidden, tables).float()  # (B*G, C, K)
+
+
 def sequence_log_probs(
     model: GenerativeRecommender,
     trie: ItemTrie | None,
@@ -482,19 +520,12 @@ def sequence_log_probs(
     if length != model.code_length:
         raise ValueError(f"codes must have C={model.code_length} tokens per item, got shape {tuple(codes.shape)}")
     flat = grouped.reshape(batch * group, length)  # (B*G, C)
-    enc = model.encode(history_codes)
-    if group > 1:
-        enc = EncoderOut(hidden=enc.hidden.repeat_interleave(group, 0), mask=enc.mask.repeat_interleave(group, 0))
-    hidden = model.decode(enc, flat[:, :-1]).hidden  # (B*G, C, d)
-    logits = torch.stack([model.level_logits(hidden[:, l], l) for l in range(length)], dim=1).float()
-    logits = logits / temperature  # (B*G, C, K)
+    logits = SequenceScorer(model=model)(history_codes, grouped) / temperature  # (B*G, C, K)
     if trie is not None:
         _check_compatible(model, trie)
         if bool((trie.lookup(flat) == 0).any()):
             raise ValueError("codes contain tuples that are not items of the trie; constrained log-probs need items")
-        states = trie.prefix_states(flat)  # (B*G, C)
-        allowed = torch.stack([trie.next_states(l, states[:, l]) >= 0 for l in range(length)], dim=1)  # (B*G,C,K)
-        logits = logits.masked_fill(~allowed, -math.inf)
+        logits = logits.masked_fill(~trie.allowed_tokens(flat), -math.inf)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B*G,)
     return logp.view(batch) if squeeze else logp.view(batch, group)
 

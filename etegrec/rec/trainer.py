@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
 from etegrec.config import Config
-from etegrec.rec.checkpoint import build_recommender, read_joint, save_joint
+from etegrec.rec.checkpoint import build_recommender, read_joint, read_joint_resume, save_joint
 from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
 from etegrec.rec.generation import ItemTrie
@@ -92,7 +92,7 @@ class JointTrainer:
     def __init__(self, cfg: Config, accelerator: Any) -> None:
         cfg.validate()  # also catches values set after loading (fail before loading anything)
         resume_path = Path(cfg.train.resume) if cfg.train.resume else None
-        resume = read_joint(resume_path) if resume_path is not None else None
+        resume = read_joint_resume(resume_path) if resume_path is not None else None
         if resume is not None:
             cfg = resumed_config(resume_path, resume, cfg.to_dict())
         self.cfg = cfg

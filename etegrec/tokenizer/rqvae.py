@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from etegrec.artifacts import STEP_RQVAE, ArtifactError, atomic_torch_save
-from etegrec.runtime import cpu_state
+from etegrec.runtime import cpu_state, load_checkpoint_file
 from etegrec.tokenizer.quantizer import ResidualQuantizer
 
 CKPT_FORMAT = "etegrec.rqvae/1"
@@ -251,14 +251,7 @@ def load_rqvae(
         (model in eval mode, the raw checkpoint dict).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"RQ-VAE checkpoint {path} does not exist; it is made by {STEP_RQVAE}.")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle / zip errors of a foreign or damaged file
-        raise ArtifactError(
-            f"{path} is not a readable RQ-VAE checkpoint ({type(err).__name__}: {err}); re-create it with {STEP_RQVAE}."
-        ) from None
+    obj = load_checkpoint_file(path, "RQ-VAE checkpoint", STEP_RQVAE, map_location)
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         kind = "a bare state dict (reference-code format, no architecture)" if isinstance(obj, dict) else type(obj).__name__
         raise ArtifactError(
