@@ -125,17 +125,17 @@ def test_masked_log_softmax_and_exact_kl_by_hand():
 
 
 # ----------------------------------------------------------------------------- tier (b): rollouts
-def _batch(trie, history, target):
-    """A training batch of the trie's items: histories (B, S), target ids (B,) and their codes (B, C)."""
+def _batch(codes, history, target):
+    """A training batch: histories (B, S), target ids (B,) and their codes (B, C)."""
     from etegrec.rec.data import Batch
 
-    return Batch(history_codes=history, target_codes=trie.item_codes[target - 1], target=target)
+    return Batch(history_codes=history, target_codes=codes.table[target], target=target)
 
 
 def _tiny_model_and_trie(seed: int = 0):
     from etegrec.config import ModelConfig
-    from etegrec.rec.generation import ItemTrie
     from etegrec.rec.model import GenerativeRecommender
+    from etegrec.tokenizer.item_codes import ItemCodes
 
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -144,8 +144,8 @@ def _tiny_model_and_trie(seed: int = 0):
     model = GenerativeRecommender(cfg=cfg, semantic_dim=4, latent_dim=4).eval()
     # 20 distinct items over a 6 x 6 x 6 code space
     flat = torch.randperm(6**3, generator=torch.Generator().manual_seed(seed))[:20]
-    item_codes = torch.stack([flat // 36, (flat // 6) % 6, flat % 6], dim=1)  # (20, 3)
-    return model, ItemTrie(item_codes=item_codes, code_num=6)
+    codes = ItemCodes(torch.stack([flat // 36, (flat // 6) % 6, flat % 6], dim=1), code_num=6)  # 20 items, C = 3
+    return model, codes
 
 
 def test_rollouts_are_valid_items_with_consistent_log_probs():
@@ -153,11 +153,12 @@ def test_rollouts_are_valid_items_with_consistent_log_probs():
     from etegrec.grpo.rollouts import collect_rollouts
     from etegrec.rec.generation import SequenceScorer
 
-    model, trie = _tiny_model_and_trie()
+    model, codes = _tiny_model_and_trie()
+    trie = codes.trie()
     history = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, -1, 5, 0, 2]])  # (B=2, S=2*C), -1 = pad
     target = torch.tensor([3, 11])
     cfg = GRPOConfig(grpo_group_size=8, grpo_temperature=1.5)
-    ro = collect_rollouts(model, SequenceScorer(model=copy.deepcopy(model)), trie, _batch(trie, history, target), cfg,
+    ro = collect_rollouts(model, SequenceScorer(model=copy.deepcopy(model)), trie, _batch(codes, history, target), cfg,
                           None)
     items = trie.lookup(ro.codes)  # (B, G)
     assert (items >= 1).all() and (items <= trie.n_items).all()
@@ -178,7 +179,8 @@ def test_policy_update_changes_policy_and_keeps_reference_fixed():
     from etegrec.rec.generation import SequenceScorer
     from etegrec.runtime import make_accelerator
 
-    model, trie = _tiny_model_and_trie(seed=1)
+    model, codes = _tiny_model_and_trie(seed=1)
+    trie = codes.trie()
     reference = SequenceScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
     ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -188,7 +190,7 @@ def test_policy_update_changes_policy_and_keeps_reference_fixed():
     cfg = GRPOConfig(grpo_group_size=6, grpo_num_iterations=2, grpo_reward_type="prefix")
     history = torch.randint(0, 6, (5, 6))
     target = torch.randint(1, 21, (5,))
-    ros = [collect_rollouts(model, reference, trie, _batch(trie, history, target), cfg, None) for _ in range(2)]
+    ros = [collect_rollouts(model, reference, trie, _batch(codes, history, target), cfg, None) for _ in range(2)]
     stats = policy_update(scorer, ros, opt, sched, make_accelerator(), cfg)
     assert all(math.isfinite(v) for v in stats.values())
     assert stats["logp_gap"] < 1e-3  # sampler and teacher-forced scorer agree on the rollout policy
@@ -206,13 +208,14 @@ def test_gradient_accumulation_equals_one_big_batch():
     from etegrec.rec.generation import SequenceScorer
     from etegrec.runtime import make_accelerator
 
-    model, trie = _tiny_model_and_trie(seed=2)
+    model, codes = _tiny_model_and_trie(seed=2)
+    trie = codes.trie()
     reference = SequenceScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
     cfg = GRPOConfig(grpo_group_size=4, grpo_max_grad_norm=0.0, grpo_kl_coeff=0.5)
     torch.manual_seed(3)
     parts = [
         collect_rollouts(
-            model, reference, trie, _batch(trie, torch.randint(0, 6, (4, 6)), torch.randint(1, 21, (4,))), cfg, None
+            model, reference, trie, _batch(codes, torch.randint(0, 6, (4, 6)), torch.randint(1, 21, (4,))), cfg, None
         )
         for _ in range(2)
     ]
@@ -243,7 +246,8 @@ def sft_checkpoint(tmp_path_factory):
 
     from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
     from etegrec.rec.checkpoint import build_recommender, save_joint
-    from etegrec.rec.data import CodeTable, SequenceDataset, train_loader
+    from etegrec.rec.data import SequenceDataset, train_loader
+    from etegrec.tokenizer.item_codes import ItemCodes
     from etegrec.tokenizer.rqvae import load_rqvae
 
     root = tmp_path_factory.mktemp("grpo")
@@ -253,7 +257,7 @@ def sft_checkpoint(tmp_path_factory):
     model = build_recommender(cfg, tokenizer.model_args())
     files = DatasetFiles.from_config(cfg)
     splits = load_splits(files, load_item_map(files), cfg.data.max_his_len)
-    codes = CodeTable(obj["item_codes"])
+    codes = ItemCodes(obj["item_codes"], cfg.model.code_num)
     loader = train_loader(SequenceDataset(splits["train"], cfg.data.max_his_len), codes, 32, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     model.train()
@@ -269,7 +273,7 @@ def sft_checkpoint(tmp_path_factory):
         cfg=cfg,
         model=model.eval(),
         tokenizer=tokenizer,
-        item_codes=obj["item_codes"],
+        item_codes=codes,
         epoch=8,
         phase="finetune",
         metrics={},
@@ -343,7 +347,7 @@ def test_short_run_changes_policy_and_never_keeps_worse_than_sft(sft_checkpoint)
     moved = [k for k, v in last["model"].items() if not torch.equal(v, sft["model"][k])]
     assert moved and not any("adapter" in k for k in moved)
     kept = load_joint(run_dir / "best.pt")
-    assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes, sft["item_codes"])
+    assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes.stored(), sft["item_codes"])
     assert kept.raw["metrics"]["test"] == summary["grpo"]["test"]
 
 

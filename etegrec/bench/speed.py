@@ -87,10 +87,10 @@ def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
 
 
 def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, peak: float) -> dict[str, Any]:
-    from etegrec.rec.generation import HFConstrainedGenerator, ItemTrie, beam_search
+    from etegrec.rec.generation import HFConstrainedGenerator, beam_search
 
     model = trainer.model.eval()
-    trie = ItemTrie(item_codes=trainer.codes.codes, code_num=model.code_num).to(trainer.device)
+    trie = trainer.codes.trie(trainer.device)
     batches = trainer.benchmark_eval_batches("test", users)  # history_codes (b, S) batches, length-sorted
     n_users = sum(b.shape[0] for b in batches)
     out: dict[str, Any] = {"users": n_users}
@@ -110,7 +110,7 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
         flops = t5_forward_flops(m, enc_tokens, dec_tokens, n_users)
         out[f"beams_{width}"] = {"users_per_s": n_users / seconds, "utilisation": flops / seconds / 1e9 / peak}
         logger.info("beam search, %d beams: %.1f users/s", width, n_users / seconds)
-    hf = HFConstrainedGenerator(model=model, trie=trie)
+    hf = HFConstrainedGenerator(model=model, codes=trainer.codes)
     step = max(1, len(batches) // max(1, round(hf_users / batches[0].shape[0])))
     hf_batches = batches[::step][: max(1, round(hf_users / batches[0].shape[0]))]  # spread over lengths
     seen = sum(b.shape[0] for b in hf_batches)

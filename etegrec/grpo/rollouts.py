@@ -16,8 +16,9 @@ from torch import Tensor
 from etegrec.config import GRPOConfig
 from etegrec.grpo.algorithm import Rewards, compute_rewards, group_advantages, masked_log_softmax
 from etegrec.rec.data import Batch
-from etegrec.rec.generation import ItemTrie, SequenceScorer, sample
+from etegrec.rec.generation import SequenceScorer, sample
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemTrie
 
 
 class Rollouts(NamedTuple):

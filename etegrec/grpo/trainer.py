@@ -64,9 +64,9 @@ from etegrec.grpo.algorithm import gather_tokens, grpo_loss, masked_log_softmax,
 from etegrec.grpo.config import check_architecture, read_resume_checkpoint, resolve_path, resumed_grpo_config
 from etegrec.grpo.rollouts import Rollouts, collect_rollouts, rollout_stats
 from etegrec.rec.checkpoint import GRPO_CKPT_FORMAT, load_joint, save_joint
-from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
+from etegrec.rec.data import SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.generation import ItemTrie, SequenceScorer
+from etegrec.rec.generation import SequenceScorer
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.rec.schedule import build_scheduler
 from etegrec.runtime import cpu_state, seed_epoch, start_training_run
@@ -114,8 +114,10 @@ class GRPOTrainer:
             dataclasses.asdict(cfg.grpo),
             cfg.train.gradient_accumulation_steps,
         )
-        self._load_sft()
-        self._load_data()
+        files = DatasetFiles.from_config(cfg)
+        item_map = load_item_map(files)
+        self._load_sft(n_items=len(item_map) - 1)
+        self._load_data(files, item_map)
         self._build_optimizer()
         self.state = GRPOState(
             done=cfg.grpo.grpo_epochs < 1, num_processes=accelerator.num_processes, sft_sha256=self.sft_sha256
@@ -125,37 +127,28 @@ class GRPOTrainer:
             self._restore(resume, resume_path)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _load_sft(self) -> None:
+    def _load_sft(self, n_items: int) -> None:
         """Policy, frozen reference, tokenizer and item codes: from the SFT checkpoint alone."""
         sft_ckpt = self.cfg.grpo.sft_ckpt
-        sft = load_joint(sft_ckpt, map_location="cpu")  # torch.load rejects "cpu:N", the device of CPU ranks
+        # map_location "cpu": torch.load rejects "cpu:N", the device of CPU ranks
+        sft = load_joint(sft_ckpt, map_location="cpu", n_items=n_items)
         check_architecture(self.cfg, sft.cfg, sft_ckpt)
         self.sft_sha256 = _weights_sha256(sft.model.state_dict())
         self.tokenizer = sft.tokenizer  # unchanged by GRPO; copied into every checkpoint
-        self.item_codes = sft.item_codes
+        self.codes = sft.item_codes  # unchanged by GRPO; copied into every checkpoint
+        self.trie = self.codes.trie(self.device)
         self.policy = sft.model.to(self.device).eval()  # eval mode for the whole run: no dropout
         for adapter in (self.policy.enc_adapter, self.policy.dec_adapter):  # not part of the GRPO forward
             adapter.requires_grad_(False)
         self.reference = SequenceScorer(model=copy.deepcopy(self.policy)).requires_grad_(False).eval()
-        self.trie = ItemTrie(item_codes=self.item_codes.to(self.device), code_num=self.cfg.model.code_num)
 
-    def _load_data(self) -> None:
+    def _load_data(self, files: DatasetFiles, item_map: dict[str, int]) -> None:
         """Training histories (sharded), validation and test loaders, and the cosine reward's item vectors."""
         cfg, tr = self.cfg, self.cfg.train
-        files = DatasetFiles.from_config(cfg)
-        item_map = load_item_map(files)
-        n_items = len(item_map) - 1
-        if n_items != self.item_codes.shape[0]:
-            raise ArtifactError(
-                f"{files.item_map} has {n_items} items but the checkpoint's code table {self.item_codes.shape[0]}: "
-                f"the checkpoint {cfg.grpo.sft_ckpt} was trained on other data. Point data_path at that data or "
-                "retrain (step 4)."
-            )
         splits = load_splits(files, item_map, cfg.data.max_his_len)
-        codes = CodeTable(self.item_codes)
         self.train_loader = train_loader(
             SequenceDataset(splits["train"], cfg.data.max_his_len),
-            codes,
+            self.codes,
             cfg.grpo.grpo_batch_size,
             seed=tr.seed,
             window=tr.bucket_window,
@@ -165,12 +158,15 @@ class GRPOTrainer:
         )
         self.eval_loaders = {
             s: eval_loader(
-                SequenceDataset(splits[s], cfg.data.max_his_len), codes, tr.eval_batch_size, num_workers=tr.num_workers
+                SequenceDataset(splits[s], cfg.data.max_his_len),
+                self.codes,
+                tr.eval_batch_size,
+                num_workers=tr.num_workers,
             )
             for s in ("valid", "test")
         }
         cosine = cfg.grpo.grpo_reward_type == "cosine"
-        self.item_vectors = item_vectors_by_id(cfg, n_items).to(self.device) if cosine else None
+        self.item_vectors = item_vectors_by_id(cfg, self.codes.n_items).to(self.device) if cosine else None
 
     def _build_optimizer(self) -> None:
         """AdamW over the trainable policy weights, its schedule sized by the updates the run takes."""
@@ -240,7 +236,7 @@ class GRPOTrainer:
                 cfg=self.cfg,
                 model=model,
                 tokenizer=self.tokenizer,
-                item_codes=self.item_codes,
+                item_codes=self.codes,
                 epoch=self.state.epoch if with_state else self.state.best_epoch,
                 phase="grpo",
                 metrics=metrics,

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
 from etegrec.artifacts import STEP_JOINT, ArtifactError, atomic_torch_save
 from etegrec.config import Config
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.runtime import cpu_state, load_checkpoint_file, stored_config
+from etegrec.tokenizer.item_codes import ItemCodes
 from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state
 
 CKPT_FORMAT = "etegrec.joint/1"
@@ -41,7 +41,7 @@ class JointState(NamedTuple):
     cfg: Config
     model: GenerativeRecommender
     tokenizer: RQVAE
-    item_codes: Tensor  # (N, C) long, row j = item id j+1
+    item_codes: ItemCodes
     raw: dict[str, Any]
 
 
@@ -58,7 +58,7 @@ def save_joint(
     cfg: Config,
     model: GenerativeRecommender,
     tokenizer: RQVAE,
-    item_codes: Tensor,
+    item_codes: ItemCodes,
     epoch: int,
     phase: str,
     metrics: dict[str, Any],
@@ -69,15 +69,13 @@ def save_joint(
     ckpt_format: str = CKPT_FORMAT,
 ) -> None:
     """Write a checkpoint atomically (format in the module docstring; ``ckpt_format`` names the run's kind)."""
-    if item_codes.dim() != 2 or item_codes.shape[1] != model.code_length:
-        raise ValueError(f"item_codes must be (N, {model.code_length}), got {tuple(item_codes.shape)}")
     obj: dict[str, Any] = {
         "format": ckpt_format,
         "config": cfg.to_dict(),
         "model": cpu_state(model),
         "tokenizer": cpu_state(tokenizer),
         "tokenizer_args": tokenizer.model_args(),
-        "item_codes": item_codes.detach().cpu().long().clone(),
+        "item_codes": item_codes.stored(),
         "epoch": int(epoch),
         "phase": str(phase),
         "metrics": dict(metrics),
@@ -116,9 +114,14 @@ def read_joint_resume(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> JointState:
+def load_joint(
+    path: Path | str, map_location: str | torch.device = "cpu", n_items: int | None = None
+) -> JointState:
     """Rebuild config, recommender, tokenizer and item codes from one checkpoint file (strict).
 
+    Args:
+        n_items: the catalogue size of the caller's data, if known; a checkpoint whose item codes cover another
+            catalogue is an ArtifactError.
     Returns:
         JointState with both models in eval mode on ``map_location``.
     """
@@ -134,13 +137,13 @@ def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> Jo
             f"{path}: recommender weights do not fit the stored config ({err}); the file is damaged or was written "
             "by another version of the code."
         ) from None
-    codes = obj["item_codes"]
-    if codes.dim() != 2 or codes.shape[1] != model.code_length:
-        raise ArtifactError(f"{path}: item_codes has shape {tuple(codes.shape)}, expected (N, {model.code_length}).")
+    codes = ItemCodes.from_file(
+        obj["item_codes"], cfg.model.code_num, path, n_items=n_items, code_length=model.code_length
+    )
     return JointState(
         cfg=cfg,
         model=model.to(map_location).eval(),
         tokenizer=tokenizer.to(map_location).eval(),
-        item_codes=codes.long(),
+        item_codes=codes,
         raw=obj,
     )

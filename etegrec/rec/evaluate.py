@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from etegrec.rec.generation import ItemTrie, beam_search
+from etegrec.rec.generation import beam_search
 from etegrec.rec.metrics import max_cutoff, metrics_from_ranks, target_ranks
+from etegrec.tokenizer.item_codes import ItemTrie
 
 
 def evaluate(
@@ -37,7 +38,7 @@ def evaluate(
     Args:
         model: the recommender, possibly wrapped by ``accelerator.prepare`` (it is unwrapped; decoding runs in
             eval mode and the previous mode is restored).
-        trie: ``ItemTrie`` of the item-code table the loader's codes come from, on ``accelerator.device``.
+        trie: the trie of the item codes the loader's codes come from (``ItemCodes.trie(accelerator.device)``).
         loader: yields ``etegrec.rec.data.Batch`` (``history_codes`` (B, S) with -1 padding, ``target`` (B,)
             item ids). An unprepared loader is sharded here (``accelerate.data_loader.prepare_data_loader``); an
             already prepared one is used as is.

@@ -1,4 +1,4 @@
-"""Decoding for the generative recommender: item trie, constrained beam search, sampling, sequence log-probs.
+"""Decoding for the generative recommender: constrained beam search, sampling, teacher-forced scoring.
 
 Scores (one definition per use, stated once here):
 * **Ranking score** (``beam_search``, and ``sequence_log_probs(trie=None)``): the model's own joint
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, T5ForConditionalGeneration
 
 from etegrec.rec.model import EncoderOut, GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemCodes, ItemTrie
 
 
 class BeamOutput(NamedTuple):
@@ -59,113 +60,6 @@ class SampleOutput(NamedTuple):
     items: Tensor  # (B, G) long item ids 1..N
     codes: Tensor  # (B, G, C) long
     log_probs: Tensor  # (B, G) float, log-prob under the constrained, renormalised, tempered distribution
-
-
-# ----------------------------------------------------------------------------------------------- item trie
-class ItemTrie:
-    """Prefix trie over the item-code table as dense per-level child tables.
-
-    ``children[l]`` is an int32 table (P_l, K): row p is the prefix with id p at level l (P_0 = 1, the empty
-    prefix); entry k is the id of the prefix extended by token k at level l+1, or, at the last level, the item id
-    (1..N); -1 = not a valid continuation. Prefix ids are assigned in sorted order of (parent id, token), so
-    the trie is deterministic. Memory: sum_l P_l * K * 4 bytes (about 51 MB for N = 25k, K = 256, C = 4).
-
-    Args:
-        item_codes: (N, C) long, row j = codes of item id j+1; tuples must be unique (use ``add_suffix``).
-        code_num: K, tokens per level.
-    """
-
-    def __init__(self, *, item_codes: Tensor, code_num: int) -> None:
-        if item_codes.dim() != 2 or item_codes.shape[0] == 0 or item_codes.shape[1] == 0:
-            raise ValueError(f"item_codes must be a non-empty (N, C) table, got shape {tuple(item_codes.shape)}")
-        codes = item_codes.long()
-        if int(codes.min()) < 0 or int(codes.max()) >= code_num:
-            raise ValueError(
-                f"item codes must lie in [0, code_num={code_num}); got range [{int(codes.min())}, "
-                f"{int(codes.max())}]. Check code_num against the tokenizer's num_emb_list"
-            )
-        n, c = codes.shape
-        children: list[Tensor] = []
-        state = torch.zeros(n, dtype=torch.long, device=codes.device)  # (N,) prefix id at the current level
-        n_prefixes = 1
-        for level in range(c):
-            key = state * code_num + codes[:, level]  # (N,) flat (parent, token) index
-            table = torch.full((n_prefixes * code_num,), -1, dtype=torch.int32, device=codes.device)
-            if level < c - 1:
-                uniq, state = torch.unique(key, return_inverse=True)  # sorted -> deterministic prefix ids
-                table[uniq] = torch.arange(uniq.numel(), dtype=torch.int32, device=codes.device)
-                next_prefixes = uniq.numel()
-            else:
-                uniq, counts = torch.unique(key, return_counts=True)
-                if int(counts.max()) > 1:
-                    dup = codes[key == uniq[counts.argmax()]]
-                    raise ValueError(
-                        f"{dup.shape[0]} items share the code tuple {dup[0].tolist()}; item IDs must be unique. "
-                        "Append the collision suffix (etegrec.tokenizer.item_codes.add_suffix)"
-                    )
-                table[key] = torch.arange(1, n + 1, dtype=torch.int32, device=codes.device)
-                next_prefixes = 0
-            children.append(table.view(n_prefixes, code_num))
-            n_prefixes = next_prefixes
-        self.children = children
-        self.item_codes = codes  # (N, C)
-        self.code_num = code_num
-
-    @property
-    def code_length(self) -> int:
-        return self.item_codes.shape[1]
-
-    @property
-    def n_items(self) -> int:
-        return self.item_codes.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.item_codes.device
-
-    def to(self, device: torch.device | str) -> ItemTrie:
-        """A copy of the trie on ``device`` (tables are moved, not rebuilt)."""
-        moved = ItemTrie.__new__(ItemTrie)
-        moved.children = [t.to(device) for t in self.children]
-        moved.item_codes = self.item_codes.to(device)
-        moved.code_num = self.code_num
-        return moved
-
-    def next_states(self, level: int, states: Tensor) -> Tensor:
-        """Child table rows for prefix ids at ``level``: (...,) -> (..., K) int32 (-1 = invalid token).
-
-        Negative (dead) states are read as the root row; callers keep their scores at -inf.
-        """
-        return self.children[level][states.clamp(min=0)]
-
-    def prefix_states(self, codes: Tensor) -> Tensor:
-        """Prefix id of ``codes[..., :l]`` for every level l: (..., C) -> (..., C) long, -1 once off the trie."""
-        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        states = []
-        for level in range(self.code_length):
-            states.append(state)
-            if level < self.code_length - 1:
-                state = self._advance(level, state, codes[..., level])
-        return torch.stack(states, dim=-1)
-
-    def allowed_tokens(self, codes: Tensor) -> Tensor:
-        """Trie children of every prefix of the given items: (N, C) codes -> (N, C, K) bool."""
-        states = self.prefix_states(codes)  # (N, C)
-        return torch.stack([self.next_states(lvl, states[:, lvl]) >= 0 for lvl in range(codes.shape[1])], dim=1)
-
-    def lookup(self, codes: Tensor) -> Tensor:
-        """Item id of every code tuple: (..., C) -> (...) long, 0 where the tuple is not an item."""
-        if codes.shape[-1] != self.code_length:
-            raise ValueError(f"codes must end in C={self.code_length}, got shape {tuple(codes.shape)}")
-        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for level in range(self.code_length):
-            state = self._advance(level, state, codes[..., level])
-        return state.clamp(min=0)
-
-    def _advance(self, level: int, state: Tensor, token: Tensor) -> Tensor:
-        ok = (state >= 0) & (token >= 0) & (token < self.code_num)
-        nxt = self.children[level][state.clamp(min=0), token.clamp(0, self.code_num - 1)].long()
-        return torch.where(ok, nxt, torch.full_like(nxt, -1))
 
 
 def trim_history(history_codes: Tensor) -> Tensor:
@@ -320,11 +214,11 @@ def _check_compatible(model: GenerativeRecommender, trie: ItemTrie) -> None:
     if trie.code_length != model.code_length or trie.code_num != model.code_num:
         raise ValueError(
             f"trie (C={trie.code_length}, K={trie.code_num}) does not match the model (C={model.code_length}, "
-            f"K={model.code_num}); build the ItemTrie from this model's item-code table"
+            f"K={model.code_num}); use the trie of this model's item codes (ItemCodes.trie)"
         )
     if trie.device != model.token_embeddings[0].weight.device:
         raise ValueError(f"trie is on {trie.device} but the model on {model.token_embeddings[0].weight.device}; "
-                         "use trie.to(device)")
+                         "use ItemCodes.trie(device)")
 
 
 def _bos(model: GenerativeRecommender, rows: int) -> Tensor:
@@ -557,10 +451,11 @@ class HFConstrainedGenerator:
 
     Args:
         model: the recommender whose weights are copied (build a new generator after they change).
-        trie: the item trie (items and allowed prefixes).
+        codes: the item codes (items and allowed prefixes).
     """
 
-    def __init__(self, *, model: GenerativeRecommender, trie: ItemTrie) -> None:
+    def __init__(self, *, model: GenerativeRecommender, codes: ItemCodes) -> None:
+        trie = codes.trie(model.t5.shared.weight.device)
         _check_compatible(model, trie)
         k_num, length = trie.code_num, trie.code_length
         vocab = 1 + length * k_num
@@ -590,7 +485,7 @@ class HFConstrainedGenerator:
         self.k_num, self.length = k_num, length
         self.offsets = 1 + torch.arange(length, device=trie.device) * k_num  # (C,) flat id of code 0 per level
         allowed: dict[tuple[int, ...], set[int]] = {}
-        for row in (trie.item_codes + self.offsets).tolist():  # (N, C) flat ids
+        for row in (codes.stored().to(trie.device) + self.offsets).tolist():  # (N, C) flat ids
             for level in range(length):
                 allowed.setdefault((0, *row[:level]), set()).add(row[level])
         self.allowed = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}  # decoder ids -> next ids
@@ -637,7 +532,7 @@ class HFConstrainedGenerator:
 
 
 def generate_with_hf(
-    model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
+    model: GenerativeRecommender, codes: ItemCodes, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
 ) -> BeamOutput:
     """One-shot ``HFConstrainedGenerator`` call (benchmark / agreement checks; build the generator once to time it)."""
-    return HFConstrainedGenerator(model=model, trie=trie)(history_codes, num_beams=num_beams, top_k=top_k)
+    return HFConstrainedGenerator(model=model, codes=codes)(history_codes, num_beams=num_beams, top_k=top_k)

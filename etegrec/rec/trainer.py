@@ -50,9 +50,8 @@ from tqdm import tqdm
 from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
 from etegrec.config import Config
 from etegrec.rec.checkpoint import build_recommender, read_joint, read_joint_resume, save_joint
-from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
+from etegrec.rec.data import Batch, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.generation import ItemTrie
 from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
@@ -64,7 +63,7 @@ from etegrec.runtime import (
     start_training_run,
     sync_device,
 )
-from etegrec.tokenizer.item_codes import build_item_codes
+from etegrec.tokenizer.item_codes import ItemCodes, build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
 from etegrec.tokenizer.quantizer import code_log_probs
 from etegrec.tokenizer.rqvae import RQVAE, load_rqvae, load_tokenizer_state
@@ -112,38 +111,13 @@ class JointTrainer:
             self.run_dir,
         )
 
-        # ---- data
+        # ---- data, tokenizer and the item codes it assigns
         files = DatasetFiles.from_config(cfg)
         item_map = load_item_map(files)
         self.n_items = len(item_map) - 1
         splits = load_splits(files, item_map, cfg.data.max_his_len)
         self.vectors = item_vectors_by_id(cfg, self.n_items).to(self.device)  # (N+1, d_s)
-
-        # ---- tokenizer and the item-code table it defines
-        if resume is not None:
-            self.tokenizer = RQVAE(**resume["tokenizer_args"])
-            load_tokenizer_state(self.tokenizer, resume["tokenizer"], f"resume checkpoint {tc.resume}")
-            codes = resume["item_codes"]
-        else:
-            path = resolve_rqvae_path(cfg)
-            t = cfg.tokenizer
-            self.tokenizer, obj = load_rqvae(
-                path,
-                expected_args={
-                    "in_dim": int(self.vectors.shape[1]),
-                    "layers": t.layers,
-                    "e_dim": t.e_dim,
-                    "num_emb_list": t.num_emb_list,
-                },
-            )
-            codes = obj["item_codes"]
-            stats = obj.get("metrics", {})
-            logger.info(
-                "tokenizer: %s (collision rate %s, gini %s)", path, stats.get("collision_rate"), stats.get("gini")
-            )
-        self._check_codes(codes)
-        self.tokenizer.to(self.device)
-        self.codes = CodeTable(codes)
+        self._load_tokenizer(resume)
 
         # ---- recommender (same seed on every process -> identical initial weights)
         set_seed(tc.seed)
@@ -170,7 +144,43 @@ class JointTrainer:
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
-        # ---- optimizers and schedules, sized by the steps each optimizer takes
+        self._build_optimizers()
+        self.state = TrainerState()
+        if resume is not None:
+            self._restore(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _load_tokenizer(self, resume: dict[str, Any] | None) -> None:
+        """The tokenizer and its item codes: the resumed run's, else those of the pretrained RQ-VAE."""
+        cfg, m = self.cfg, self.cfg.model
+        if resume is not None:
+            source = f"resume checkpoint {cfg.train.resume}"
+            self.tokenizer = RQVAE(**resume["tokenizer_args"])
+            load_tokenizer_state(self.tokenizer, resume["tokenizer"], source)
+            codes = resume["item_codes"]
+        else:
+            path = resolve_rqvae_path(cfg)
+            t = cfg.tokenizer
+            self.tokenizer, obj = load_rqvae(
+                path,
+                expected_args={
+                    "in_dim": int(self.vectors.shape[1]),
+                    "layers": t.layers,
+                    "e_dim": t.e_dim,
+                    "num_emb_list": t.num_emb_list,
+                },
+            )
+            source, codes = f"RQ-VAE checkpoint {path}", obj.get("item_codes")
+            stats = obj.get("metrics", {})
+            logger.info(
+                "tokenizer: %s (collision rate %s, gini %s)", path, stats.get("collision_rate"), stats.get("gini")
+            )
+        self.tokenizer.to(self.device)
+        self.codes = ItemCodes.from_file(codes, m.code_num, source, n_items=self.n_items, code_length=m.code_length)
+
+    def _build_optimizers(self) -> None:
+        """AdamW per model, schedules sized by the optimizer steps each really takes, and the loss weights."""
+        tc = self.cfg.train
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.gradient_accumulation_steps)
         tok_epochs, rec_epochs = training_epochs(
             tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
@@ -192,11 +202,7 @@ class JointTrainer:
                 tc.warm_epoch,
                 tc.epochs,
             )
-        self.state = TrainerState()
-        if resume is not None:
-            self._restore(resume)
 
-    # ------------------------------------------------------------------ set-up helpers
     def _scheduler(self, opt: torch.optim.Optimizer, warmup: int, total: int, name: str) -> Any:
         if total > 0 and warmup >= total:
             logger.warning(
@@ -208,26 +214,6 @@ class JointTrainer:
                 max(1, total // 10),
             )
         return build_scheduler(opt, kind=self.cfg.train.lr_scheduler_type, warmup_steps=warmup, total_steps=total)
-
-    def _check_codes(self, codes: Tensor) -> None:
-        m = self.cfg.model
-        if codes.dim() != 2 or codes.shape[0] != self.n_items:
-            raise ValueError(
-                f"the tokenizer's item-code table has shape {tuple(codes.shape)} but the item map has {self.n_items} "
-                "items: the RQ-VAE checkpoint was made for another dataset or data preparation. Re-run step 3 "
-                "(`cd RQVAE && bash run_dual.sh`) or point rqvae_path at this dataset's checkpoint"
-            )
-        if codes.shape[1] != m.code_length:
-            raise ValueError(
-                f"the tokenizer's item IDs have {codes.shape[1]} tokens but code_length={m.code_length}; set "
-                f"code_length={codes.shape[1]} (levels + 1 suffix) or use a checkpoint with "
-                f"{m.code_length - 1} levels"
-            )
-        if int(codes.min()) < 0 or int(codes.max()) >= m.code_num:
-            raise ValueError(
-                f"item codes span [{int(codes.min())}, {int(codes.max())}] but code_num={m.code_num}; set code_num to "
-                "the checkpoint's codebook size (its num_emb_list entries)"
-            )
 
     def _restore(self, obj: dict[str, Any]) -> None:
         self.model.load_state_dict(obj["model"], strict=True)
@@ -268,7 +254,7 @@ class JointTrainer:
                 cfg=self.cfg,
                 model=self.model,
                 tokenizer=self.tokenizer,
-                item_codes=self.codes.codes,
+                item_codes=self.codes,
                 epoch=self.state.epochs_done,
                 phase=plan_phase,
                 metrics=metrics,
@@ -435,7 +421,7 @@ class JointTrainer:
         """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
         new, stats = build_item_codes(  # (N, C), same assignment rule as pretraining (Sinkhorn where sk_epsilons > 0)
             self.tokenizer,
-            self.vectors[1:],
+            self.vectors[1:],  # (N, d_s) items 1..N in id order
             self.model.code_num,
             sk_epsilons=self.cfg.tokenizer.sk_epsilons,
             sk_iters=self.cfg.tokenizer.sk_iters,
@@ -444,26 +430,16 @@ class JointTrainer:
             from accelerate.utils import broadcast
 
             new = broadcast(new.to(self.device), from_process=0).cpu()  # bitwise-identical tables everywhere
-        changed = new != self.codes.codes  # (N, C) per item and token
-        churn = float(changed.any(dim=1).double().mean())
-        prefix_churn = float(changed[:, :-1].any(dim=1).double().mean())
-        # share of items whose first changed token is at level l (they sum to prefix_churn)
-        moved = changed[:, :-1].any(dim=1)  # (N,)
-        first_level = changed[:, :-1].long().argmax(dim=1)[moved]  # (M,) index of the first True
-        first_change = (torch.bincount(first_level, minlength=changed.shape[1] - 1) / len(changed)).tolist()
+        churn = self.codes.churn(new)
         self.codes.update(new)
-        shown = {
-            "churn": churn,
-            "prefix_churn": prefix_churn,
-            **{f"churn_first_level{level + 1}": share for level, share in enumerate(first_change)},
-            **{k: v for k, v in stats.items() if isinstance(v, (int, float))},
-        }
-        self.tb.scalars(self.state.epochs_done, shown, prefix="codes/")
+        health = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        self.tb.scalars(self.state.epochs_done, {**churn, **health}, prefix="codes/")
+        first_change = [churn[f"churn_first_level{level}"] for level in range(1, self.codes.code_length)]
         logger.info(
             "item codes recomputed: churn %.4f (prefix %.4f; first change at level 1/2/...: %s), collision rate "
             "%.4f, max group %d, gini %.3f, min usage %.3f",
-            churn,
-            prefix_churn,
+            churn["churn"],
+            churn["prefix_churn"],
             "/".join(f"{share:.4f}" for share in first_change),
             stats["collision_rate"],
             stats["max_group"],
@@ -473,9 +449,8 @@ class JointTrainer:
 
     def _evaluate(self, split: str) -> dict[str, float]:
         tc = self.cfg.train
-        trie = ItemTrie(item_codes=self.codes.codes, code_num=self.model.code_num).to(self.device)
         loader = eval_loader(self.eval_sets[split], self.codes, tc.eval_batch_size, num_workers=tc.num_workers)
-        return evaluate(self.model, trie, loader, self.acc, tc.num_beams, tc.metrics)
+        return evaluate(self.model, self.codes.trie(self.device), loader, self.acc, tc.num_beams, tc.metrics)
 
     def _validate(self, phase: str, patience_limit: int) -> None:
         """Validate, keep ``best.pt`` on improvement, count patience."""

@@ -69,7 +69,7 @@ from etegrec.artifacts import (
 )
 from etegrec.config import Config
 from etegrec.runtime import new_run_dir, pick_device, set_seed, start_run, timestamp
-from etegrec.tokenizer.item_codes import add_suffix, collision_stats
+from etegrec.tokenizer.item_codes import ItemCodes, add_suffix, collision_stats
 from etegrec.tokenizer.rqvae import RQVAE, save_rqvae
 
 logger = logging.getLogger("etegrec.tokenizer")
@@ -271,7 +271,7 @@ def run(cfg: Config) -> Path:
     def checkpoint(codes: torch.Tensor, stats: dict[str, Any], epoch: int):
         def save(path: Path) -> bool:
             try:
-                table = add_suffix(codes, code_num)  # (N, L+1)
+                table = ItemCodes(add_suffix(codes, code_num), code_num)  # (N, L+1) with the suffix
             except ValueError as err:
                 logger.warning("epoch %d: not saved: %s", epoch, err)
                 return False
