@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 
+from etegrec.bench.hf_generate import HFConstrainedGenerator, generate_with_hf
 from etegrec.config import ModelConfig
-from etegrec.rec.generation import (
-    HFConstrainedGenerator,
-    _length_chunks,
-    beam_search,
-    generate_with_hf,
-    sample,
-    sequence_log_probs,
-    trim_history,
-)
+from etegrec.rec.generation import _length_chunks, beam_search, sample, sequence_log_probs, trim_history
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.tokenizer.item_codes import ItemCodes
 

@@ -207,19 +207,6 @@ def test_two_process_cpu_run(tmp_path) -> None:
     print(f"2-process run: {time.time() - start:.1f} s")
 
 
-def test_benchmark_hooks_count_real_tokens(tmp_path, accelerator) -> None:
-    cfg = make_tiny_dataset(tmp_path)
-    joint = trainer.JointTrainer(cfg, accelerator)
-    for phase in ("tokenizer", "recommender"):
-        r = joint.benchmark_steps(phase, 2)
-        assert r["sequences"] == 2 * cfg.train.batch_size and r["seconds"] > 0
-        assert r["dec_tokens"] == r["sequences"] * cfg.model.code_length
-        assert 0 < r["enc_tokens_distinct"] <= r["enc_tokens"] and 0 < r["distinct"] <= r["sequences"]
-    batches = joint.benchmark_eval_batches("test", 20)
-    lengths = torch.cat([(b >= 0).sum(1) for b in batches])
-    assert len(lengths) == 20 and torch.equal(lengths, lengths.sort().values)
-
-
 def test_code_refresh_logs_the_level_where_each_id_first_changes(tmp_path, accelerator) -> None:
     cfg = make_tiny_dataset(tmp_path)
     joint = trainer.JointTrainer(cfg, accelerator)

@@ -61,7 +61,6 @@ from etegrec.runtime import (
     seed_epoch,
     set_seed,
     start_training_run,
-    sync_device,
 )
 from etegrec.tokenizer.item_codes import ItemCodes, build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
@@ -324,16 +323,15 @@ class JointTrainer:
             )
         return values
 
-    def _set_modes(self, plan: EpochPlan) -> None:
-        """Train mode and gradients for the model(s) this phase trains; eval mode, no gradients for the other."""
+    def start_phase(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
+        """Train mode and gradients for the model(s) ``plan`` trains, eval mode and none for the other; returns
+        the (name, optimizer, schedule, module) groups its steps update."""
         self.model.train(plan.train_recommender)
         self.tokenizer.train(plan.train_tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(plan.train_recommender)
         for p in self.tokenizer.parameters():
             p.requires_grad_(plan.train_tokenizer)
-
-    def _optimizers(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
         if plan.phase == "finetune":
             return [("finetune", self.ft_opt, self.ft_sched, self.model)]
         groups = []
@@ -343,7 +341,19 @@ class JointTrainer:
             groups.append(("rec", self.rec_opt, self.rec_sched, self.model))
         return groups
 
-    def _step(self, groups: list) -> None:
+    def accumulate(self, batch: Batch, plan: EpochPlan, step: int, scale: int = 1) -> dict[str, float]:
+        """Backward of one batch's weighted loss divided by ``scale`` (the batches that share an optimizer step).
+
+        Returns the unweighted loss parts averaged over processes; a non-finite one raises on every process at
+        the same ``step`` (of the epoch).
+        """
+        parts = self._losses(batch, plan)
+        values = self._check_finite(parts, plan, step)
+        total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
+        (total / scale).backward()
+        return {k: float(v) for k, v in zip(parts, values)}
+
+    def optimizer_step(self, groups: list) -> None:
         """Average gradients over processes, clip, step optimizers and schedules, clear gradients."""
         for _, opt, sched, module in groups:
             params = [p for p in module.parameters() if p.grad is not None]
@@ -365,8 +375,7 @@ class JointTrainer:
         s = self.state
         seed_epoch(tc.seed, s.epochs_done, self.rank)
         self.train_loader.batch_sampler.set_epoch(s.epochs_done)
-        self._set_modes(plan)
-        groups = self._optimizers(plan)
+        groups = self.start_phase(plan)
         n_batches = len(self.train_loader)
         accum = tc.gradient_accumulation_steps
         sums: dict[str, float] = {}
@@ -381,21 +390,18 @@ class JointTrainer:
         )
         for i, batch in enumerate(self.train_loader):
             batch = batch.to(self.device)
-            parts = self._losses(batch, plan)
-            values = self._check_finite(parts, plan, i)
-            total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
             group_start = (i // accum) * accum
             group_size = min(accum, n_batches - group_start)
-            (total / group_size).backward()
+            values = self.accumulate(batch, plan, i, scale=group_size)
             if i + 1 == group_start + group_size:
-                self._step(groups)
+                self.optimizer_step(groups)
                 s.global_step += 1
-                logged = {f"loss_{k}": float(v) for k, v in zip(parts, values)}
-                logged["loss_total"] = sum(getattr(plan.weights, k) * float(v) for k, v in zip(parts, values))
+                logged = {f"loss_{k}": v for k, v in values.items()}
+                logged["loss_total"] = sum(getattr(plan.weights, k) * v for k, v in values.items())
                 self.tb.scalars(s.global_step, logged, prefix="train/")
                 self.tb.scalars(s.global_step, {name: sch.get_last_lr()[0] for name, _, sch, _ in groups}, prefix="lr/")
-            for k, v in zip(parts, values):
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             seen += batch.target.shape[0]
             bar.update(1)
             if i % 10 == 0:
@@ -477,60 +483,6 @@ class JointTrainer:
         )
         if improved:
             self._save("best.pt", phase, metrics)
-
-    # ------------------------------------------------------------------ benchmark hooks (etegrec.bench.speed)
-    def benchmark_steps(self, phase: str, steps: int) -> dict[str, float]:
-        """Time ``steps`` training steps of ``phase`` (``tokenizer`` | ``recommender``) with every loss term on.
-
-        Trains the models as a real epoch would (weights change). Token counts exclude padding, so callers can
-        turn them into useful FLOPs.
-
-        Returns:
-            ``sequences``, ``seconds``, ``enc_tokens`` / ``dec_tokens`` (history / target code tokens of all
-            rows), ``distinct`` and ``enc_tokens_distinct`` (rows with distinct targets, which the tokenizer
-            phase runs the recommender on).
-        """
-        if phase not in ("tokenizer", "recommender"):
-            raise ValueError(f"phase={phase!r}; use tokenizer or recommender")
-        plan = plan_epoch(
-            0 if phase == "tokenizer" else 1,
-            cycle=2,
-            warm_epoch=0,
-            ablation="none",
-            converged=False,
-            weights=self.weights,
-        )
-        self._set_modes(plan)
-        groups = self._optimizers(plan)
-        batches = [b.to(self.device) for _, b in zip(range(steps + 1), self.train_loader)]
-        out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
-        start = 0.0
-        for i, b in enumerate(batches):
-            if i == 1:  # the first step warms up allocators and kernels
-                sync_device(self.device)
-                start = time.perf_counter()
-            parts = self._losses(b, plan)
-            self._check_finite(parts, plan, i)
-            sum(getattr(plan.weights, k) * v for k, v in parts.items()).backward()
-            self._step(groups)
-            if i >= 1:
-                first = first_occurrence(b.target)
-                real = b.history_codes >= 0  # (B, S)
-                out["sequences"] += b.target.shape[0]
-                out["enc_tokens"] += float(real.sum())
-                out["dec_tokens"] += b.target_codes.numel()
-                out["distinct"] += first.shape[0]
-                out["enc_tokens_distinct"] += float(real[first].sum())
-        sync_device(self.device)
-        out["seconds"] = time.perf_counter() - start
-        return out
-
-    def benchmark_eval_batches(self, split: str, users: int) -> list[Tensor]:
-        """History codes of the first ``users`` records of ``split``, sorted by length, in eval-size batches."""
-        data = self.eval_sets[split]
-        subset = data.subset(torch.arange(min(users, len(data))))
-        loader = eval_loader(subset, self.codes, self.cfg.train.eval_batch_size)
-        return [b.history_codes.to(self.device) for b in loader]
 
     # ------------------------------------------------------------------ stages
     def _start_finetune(self) -> None:
