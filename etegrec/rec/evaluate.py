@@ -1,4 +1,4 @@
-"""Full-ranking evaluation of the generative recommender with constrained beam search (spec §7).
+"""Full-ranking evaluation of the generative recommender with constrained beam search.
 
 Every user's top candidates come from ``generation.beam_search`` (distinct real items); the rank of the target
 among them is computed per process, gathered with ``accelerator.gather_for_metrics`` (which drops the samples

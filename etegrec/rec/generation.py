@@ -12,7 +12,7 @@ Scores (one definition per use, stated once here):
   what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients, from the
   logits of ``SequenceScorer`` (the one teacher-forced scorer, also GRPO's).
 
-Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
+Speed (no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
 * Users are sorted by history length and encoded in a few length chunks (``_length_chunks``: fewest padded
   tokens plus a per-chunk cost), each trimmed to its own longest history; the encoder runs once per user.
 * The decoder is an incremental T5 pass over the model's own weights (``_IncrementalDecoder``, equal to
@@ -22,10 +22,10 @@ Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.i
   are reordered; the first step runs one row per user (only one live beam). It has no dropout, so decoding
   always runs with the model in eval mode (its mode is restored afterwards).
 
-Deviations from the reference: constrained decoding (the reference is unconstrained, spec §7), so every
-returned candidate is a distinct real item; all-padding history columns at either end are cut before encoding
-(T5 positions are relative, so real tokens see the same thing), so results do not depend on how a batch was
-padded or composed.
+Deviations from the reference: constrained decoding (the reference is unconstrained, so invalid code tuples
+occupy ranks), so every returned candidate is a distinct real item; all-padding history columns at either end
+are cut before encoding (T5 positions are relative, so real tokens see the same thing), so results do not depend
+on how a batch was padded or composed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Step 4: joint training of the RQ-VAE tokenizer and the T5 recommender (paper §3.4, spec §6).
+"""Step 4: joint training of the RQ-VAE tokenizer and the T5 recommender (paper §3.4).
 
 ``run(cfg, accelerator)`` trains in two stages and returns the metrics:
 
@@ -19,7 +19,7 @@ epoch's batches; gradients are averaged over processes with one all-reduce per o
 are not used because which model trains changes every epoch (DDP fixes its parameter set at wrap time). The
 loss parts are averaged over processes every step, so a non-finite loss stops all processes at the same step.
 
-Deviations from the reference code (spec §6, §11, §12):
+Deviations from the reference code:
 * Frozen models are run under ``no_grad`` in eval mode; terms with weight 0 are not computed; the tokenizer runs
   once per step on the batch's distinct targets (the reference ran it twice in tokenizer epochs).
 * Learning-rate schedules are sized by the optimizer steps each optimizer really takes; gradient accumulation

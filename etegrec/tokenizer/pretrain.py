@@ -10,18 +10,17 @@ ALL items, level by level on the residuals; AdamW with linear warm-up then linea
 gradient-norm clip 1.0, Sinkhorn-balanced assignment at the levels whose ``sk_epsilons`` entry is > 0; after
 every epoch, codes that no item was assigned to are moved onto random current residuals of their level
 (``rq_dead_code_reset``; without it the encoder drifts away from the k-means codebooks in the first epochs and
-most codes die: on Beauty, level-1 usage fell to 4% after 10 epochs). Every
-``rq_eval_step`` epochs (and after k-means, as epoch 0, logged only) the whole item set is encoded in eval mode,
+most codes die). Every ``rq_eval_step`` epochs (and after k-means, as epoch 0, logged only) the whole item set is encoded in eval mode,
 assigned its item codes (below), and their health is logged and written to TensorBoard
 (``<log_dir>/<dataset>/rqvae/<TIMESTAMP>/``): collision rate, collided share, largest collision group (also for
 plain nearest-code assignment), per-level usage / perplexity / Gini, reconstruction and quantisation losses.
 
 Outputs in ``<rq_ckpt_dir>/<dataset>/<TIMESTAMP>/``: ``best_collision_<cr>_gini_<g>.pth`` (strictly lower
-collision rate, ties broken by the lower reconstruction loss) and ``best_gini_<g>_collision_<cr>.pth`` (strictly lower Gini), each
-replacing the previous best of its kind, in the ``rqvae.save_rqvae`` format with the (N, L+1) item-code table;
-``run_status.json`` (``"finished": false`` from the start, true at the end); and, once the run has finished,
-``<rq_ckpt_dir>/<dataset>/latest.json`` naming its best files, which ``resolve_rqvae_path`` uses when
-``rqvae_path`` is empty. A killed run never becomes ``latest.json``, and ``resolve_rqvae_path`` refuses a
+collision rate, ties broken by the lower reconstruction loss) and ``best_gini_<g>_collision_<cr>.pth``
+(strictly lower Gini), each replacing the previous best of its kind, in the ``rqvae.save_rqvae`` format with the
+(N, L+1) item-code table; ``run_status.json`` (``"finished": false`` from the start, true at the end); and, once
+the run has finished, ``<rq_ckpt_dir>/<dataset>/latest.json`` naming its best files, which ``resolve_rqvae_path``
+uses when ``rqvae_path`` is empty. A killed run never becomes ``latest.json``, and ``resolve_rqvae_path`` refuses a
 checkpoint whose run folder says it did not finish. Training stops early after ``rq_patience`` evaluations
 without a better ``best_collision``.
 
@@ -29,17 +28,14 @@ Final item codes: nearest code at the levels whose ``sk_epsilons`` entry is 0, S
 over the whole item set where it is > 0 (``RQVAE.get_codes(x, sk_epsilons=...)``), as TIGER / LC-Rec do for
 their last level. With the default ``[0, 0, 0.003]`` every group of items sharing the first two codes gets
 distinct third codes (when it has <= K items), so collisions come only from groups larger than K. Trained
-tokenizers still map near-identical items to the same nearest codes (on a Beauty stand-in about 1% of items at
-best, rising to 1.5% with longer training as the encoder maps similar items closer; selecting on it picked an
-epoch-20 model with 25% higher reconstruction error than at epoch 120), so only the assignment
-step meets a collision target reliably across datasets. Joint training should re-derive codes with the same
-rule (``item_codes.build_item_codes(..., sk_epsilons=...)``), or it sees the nearest-code collisions, which the
-suffix token still resolves.
+tokenizers map near-identical items to the same nearest codes, so only the assignment step meets a collision
+target reliably. Joint training re-derives codes with the same rule
+(``item_codes.build_item_codes(..., sk_epsilons=...)``); the suffix token resolves any collision left.
 
-Deviations from the reference (spec Sec. 4): faiss k-means over all items instead of scikit-learn on one batch;
-Sinkhorn actually applied (the FORK parsed and ignored it); per-part normalisation of dual input on by default
-(the FORK mixed raw SASRec norms with unit text vectors, spec 11.1-22); self-describing checkpoints with the
-code table; dead-code reset (not in the reference); the k-means-initialised but untrained model (epoch 0) is
+Deviations from the reference code: faiss k-means over all items instead of scikit-learn on one batch;
+Sinkhorn actually applied (the reference's fork parsed and ignored it); per-part normalisation of dual input on
+by default (the fork mixed raw SASRec norms, far above 1, with unit text vectors, so the SASRec part dominated
+the reconstruction loss); self-describing checkpoints with the code table; dead-code reset (not in the reference); the k-means-initialised but untrained model (epoch 0) is
 never saved (its random-projection codes can collide less than early trained ones, but it reconstructs
 nothing); no ``best_loss`` or rolling ``epoch_*`` files (the joint stage uses ``best_collision``).
 """

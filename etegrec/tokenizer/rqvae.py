@@ -11,9 +11,9 @@ Checkpoint (``save_rqvae`` / ``load_rqvae``): one ``torch.save`` dict of tensors
      "metrics": {...}, "input": {"tokenizer_input", "n_items", ...}, "config": flat config dict,
      "producer": "which run wrote it"}
 
-Deviations from the reference code: the reference saved either a wrapper dict the joint trainer could not read
-(ORIG) or a bare state dict without the architecture (FORK), and loaded it with ``strict=False`` so wrong files
-were ignored silently (spec Sec. 11.1-3/4). Here the file carries its architecture and loading is strict: any
+Deviations from the reference code: it saved either a wrapper dict the joint trainer could not read (the
+original repository) or a bare state dict without the architecture (its fork), and loaded it with
+``strict=False``, so a wrong file loaded nothing, silently. Here the file carries its architecture and loading is strict: any
 missing, unexpected or differently shaped tensor is an ``ArtifactError`` that lists them and names the producer.
 """
 
