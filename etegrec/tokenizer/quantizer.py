@@ -19,12 +19,12 @@ Deviations from the reference code:
   training, the sequence-item alignment) of levels >= 2 never reached the encoder. Here every level's
   commitment pulls the encoder towards its partial reconstruction, as in Lee et al. 2022 (RQ-VAE). Codebook
   ``l`` is still trained only by its own codebook term (``sg`` on ``e_{c_l}`` inside the residual).
-* Sinkhorn (reference: ``models/vq.py`` of the original repository; its fork ignored the flag) differs in three ways: (1) the plan is
-  rounded with capacities instead of a row-wise argmax, which gives near-identical vectors the same code and so
-  cannot separate near-duplicates; (2) below level 1 it balances inside prefix groups, not over the whole
-  batch, because a collision is a clash inside a prefix group; (3) it runs in the log domain (no
-  under/overflow at epsilon 0.003) and only where the caller passes ``sk_epsilons`` (training, or an explicit
-  code assignment); the reference switched it on by ``self.training``.
+* Sinkhorn (reference: ``models/vq.py`` of the original repository; its fork ignored the flag) differs in three
+  ways: (1) the plan is rounded with capacities instead of a row-wise argmax, which gives near-identical vectors
+  the same code and so cannot separate near-duplicates; (2) below level 1 it balances inside prefix groups, not
+  over the whole batch, because a collision is a clash inside a prefix group; (3) it runs in the log domain (no
+  under/overflow at epsilon 0.003) and only where the caller passes ``sk_epsilons`` (training, or an explicit code
+  assignment); the reference switched it on by ``self.training``.
 * k-means initialisation uses faiss over the whole item set, level by level on the residuals, seeded
   (reference: scikit-learn on the first training batch only).
 * Only the squared-L2 distance is implemented (the reference's ``dot``/``cos`` options were never used).

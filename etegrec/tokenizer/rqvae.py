@@ -11,10 +11,10 @@ Checkpoint (``save_rqvae`` / ``load_rqvae``): one ``torch.save`` dict of tensors
      "metrics": {...}, "input": {"tokenizer_input", "n_items", ...}, "config": flat config dict,
      "producer": "which run wrote it"}
 
-Deviations from the reference code: it saved either a wrapper dict the joint trainer could not read (the
-original repository) or a bare state dict without the architecture (its fork), and loaded it with
-``strict=False``, so a wrong file loaded nothing, silently. Here the file carries its architecture and loading is strict: any
-missing, unexpected or differently shaped tensor is an ``ArtifactError`` that lists them and names the producer.
+Deviations from the reference code: it saved either a wrapper dict the joint trainer could not read (the original
+repository) or a bare state dict without the architecture (its fork), and loaded it with ``strict=False``, so a
+wrong file loaded nothing, silently. Here the file carries its architecture and loading is strict: any missing,
+unexpected or differently shaped tensor is an ``ArtifactError`` that lists them and names the producer.
 """
 
 from __future__ import annotations
