@@ -25,13 +25,13 @@ def main(argv: list[str]) -> None:
     cfg = None if resume else load_from_argv(argv, DEFAULT_CONFIG)  # bad input fails here, before torch loads
 
     from etegrec.pipeline import ensure_upstream
-    from etegrec.rec.checkpoint import read_joint
-    from etegrec.rec.trainer import resumed_config, run
-    from etegrec.runtime import make_accelerator
+    from etegrec.rec.checkpoint import read_joint_resume
+    from etegrec.rec.trainer import run
+    from etegrec.runtime import make_accelerator, resumed_config
 
     if resume:
         path = resolve_path(resume)
-        cfg = resumed_config(path, read_joint(path), given)
+        cfg = resumed_config(path, read_joint_resume(path), given)
     accelerator = make_accelerator()
     if not resume:
         ensure_upstream(cfg, accelerator)

@@ -7,7 +7,7 @@
 
 ``--sft_ckpt`` alone rebuilds model, tokenizer and item codes from the config stored in the checkpoint; an
 optional ``--config FILE`` and ``--key=value`` overrides may change GRPO and run-time keys only
-(``etegrec.grpo.trainer.MUTABLE_KEYS``: the grpo section, seed, evaluation, logging and data-path keys), never the
+(``etegrec.grpo.config.MUTABLE_KEYS``: the grpo section, seed, evaluation, logging and data-path keys), never the
 architecture. Output: ``myckpt/<DATASET>/<TIMESTAMP>_grpo/``.
 ``--resume=myckpt/<DATASET>/<TIMESTAMP>_grpo/last.pt`` continues an interrupted run in its folder, with its own
 config, exactly as if it had not stopped.
@@ -22,7 +22,8 @@ from etegrec.config import given_values
 def main(argv: list[str]) -> dict:
     """Parse the command line, build the Accelerator, run GRPO; returns the before/after metrics."""
     given_values(argv)  # unknown keys, wrong types and bad YAML fail here, before torch loads
-    from etegrec.grpo.trainer import load_grpo_config, run
+    from etegrec.grpo.config import load_grpo_config
+    from etegrec.grpo.trainer import run
     from etegrec.runtime import make_accelerator
 
     return run(load_grpo_config(argv), make_accelerator())

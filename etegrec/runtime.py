@@ -1,4 +1,8 @@
-"""Process setup shared by every stage: seeding, the Accelerator, logging, run folders, TensorBoard.
+"""Run scaffolding shared by every stage: seeding, the Accelerator, logging, run folders, TensorBoard, resuming.
+
+Every training stage starts the same way (``new_run_dir`` + ``start_run``: run folder, log file, TensorBoard,
+the resolved config and command line in the folder), seeds each epoch with ``seed_epoch`` and stores CPU copies
+of its weights (``cpu_state``); a resumed run takes its config from its checkpoint (``resumed_config``).
 
 Why ``Accelerator(cpu=True)`` without CUDA: with accelerate >= 1.x, ``accelerate launch`` of a MULTI_GPU
 config on a machine without CUDA starts N processes that each run alone (world size 1) unless the
@@ -14,12 +18,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from etegrec.config import Config, dump_yaml
-from etegrec.errors import ConfigError
+from etegrec.artifacts import atomic_write_text
+from etegrec.config import Config, config_from_dict, dump_yaml
+from etegrec.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +41,12 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed one epoch of one process from ``(seed, epoch, rank)`` alone, so a resumed run draws what an
+    uninterrupted one would (data order, dropout, rollouts)."""
+    set_seed((seed * 100_003 + epoch * 1_009 + rank) % (2**31))
 
 
 def make_accelerator(**kwargs: Any):
@@ -91,8 +102,6 @@ def timestamp() -> str:
 
 def write_run_info(run_dir: Path, cfg: Config, argv: list[str] | None = None) -> None:
     """Store the resolved config and command line beside a run's outputs."""
-    from etegrec.artifacts import atomic_write_text
-
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg, header="resolved configuration of this run"))
     atomic_write_text(run_dir / "argv.txt", " ".join(argv if argv is not None else sys.argv) + "\n")
@@ -138,21 +147,108 @@ def cpu_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
 
 
-def new_run_dir(root: Path, stamp: str, accelerator: Any) -> Path:
+def new_run_dir(root: Path, stamp: str, accelerator: Any = None) -> Path:
     """``<root>/<stamp>[-k]``, created by the main process and shared with the others (``-k`` when two runs
     start in the same second)."""
-    from accelerate.utils import broadcast_object_list
-
     name: list[str | None] = [None]
-    if accelerator.is_main_process:
+    if accelerator is None or accelerator.is_main_process:
         run_dir, k = root / stamp, 1
         while run_dir.exists():
             run_dir, k = root / f"{stamp}-{k}", k + 1
         run_dir.mkdir(parents=True)
         name = [run_dir.name]
-    if accelerator.num_processes > 1:
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
         broadcast_object_list(name, from_process=0)
     return root / str(name[0])
+
+
+def start_run(cfg: Config, run_dir: Path, log_file: Path, tb_dir: Path, is_main: bool = True) -> TensorBoard:
+    """Send the log to ``log_file``, store config and command line in ``run_dir``; returns the run's TensorBoard
+    (at ``tb_dir``, when ``cfg.train.tensorboard`` is on)."""
+    setup_logging(log_file, is_main=is_main)
+    if is_main:
+        write_run_info(run_dir, cfg)
+    return TensorBoard(tb_dir, enabled=cfg.train.tensorboard and is_main)
+
+
+class Run(NamedTuple):
+    """Where a recommender training run writes."""
+
+    dir: Path  # checkpoints, config.yaml, argv.txt (and metrics.json for GRPO)
+    tb: TensorBoard
+
+
+def start_training_run(cfg: Config, accelerator: Any, resume: Path | None, suffix: str = "") -> Run:
+    """Start (or continue) a recommender training run.
+
+    The folder is ``<ckpt_dir>/<dataset>/<TIMESTAMP><suffix>``, or that of the resumed ``last.pt``; its name also
+    names the log ``<log_dir>/<dataset>/<name>.log`` and TensorBoard ``<log_dir>/<dataset>/tb/<name>``. All
+    processes use the main process's clock for the name.
+    """
+    if resume is not None:
+        run_dir = resume.resolve().parent
+    else:
+        run_dir = new_run_dir(cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset, timestamp() + suffix, accelerator)
+    logs = cfg.path(cfg.train.log_dir) / cfg.data.dataset
+    tb = start_run(cfg, run_dir, logs / f"{run_dir.name}.log", logs / "tb" / run_dir.name, accelerator.is_main_process)
+    return Run(dir=run_dir, tb=tb)
+
+
+# ------------------------------------------------------------------------------------ checkpoints, resuming
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a module's weights that later training does not change (for checkpoints and kept models)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_checkpoint_file(path: Path, what: str, step: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with an ArtifactError naming the file when it is missing or is not
+    a torch checkpoint (``what``: its kind, ``step``: the step that makes it)."""
+    import torch
+
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} does not exist; it is made by {step}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a damaged or foreign file: zip, pickle or unpickler errors (a text file: KeyError)
+        raise ArtifactError(
+            f"{path} is not a readable {what} ({type(err).__name__}: {err}); re-create it with {step}."
+        ) from None
+
+
+def stored_config(path: Path, obj: dict[str, Any]) -> Config:
+    """The config a checkpoint was written with.
+
+    Raises:
+        ArtifactError: this version of the code cannot read it (keys renamed or removed since).
+    """
+    try:
+        return config_from_dict(obj["config"])
+    except ConfigError as err:
+        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err}).") from None
+
+
+def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
+    """The interrupted run's own config, so that its continuation equals an uninterrupted run.
+
+    Args:
+        path: the run's ``last.pt`` (becomes the config's ``resume``).
+        obj: its contents.
+        given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
+    """
+    cfg = stored_config(path, obj)
+    cfg.train.resume = str(path)
+    stored = cfg.to_dict()
+    ignored = {k: v for k, v in given.items() if k != "resume" and v != stored.get(k)}
+    if ignored:
+        logger.warning(
+            "resuming %s with its own config (%s); these values are ignored: %s",
+            path.parent.name,
+            path.parent / "config.yaml",
+            ignored,
+        )
+    return cfg.validate()
 
 
 def sync_device(device: torch.device) -> None:

@@ -24,7 +24,7 @@ from etegrec.bench.quality import (
     seed_config,
     summarise,
 )
-from etegrec.bench.speed import t5_forward_flops
+from etegrec.bench.speed import eval_history_batches, t5_forward_flops, time_train_steps
 from etegrec.config import ModelConfig
 
 
@@ -122,6 +122,25 @@ def test_flop_count_by_hand() -> None:
     # tokens and 1 decoder token: encoder 2 * (4*2*2 + 2*2*4 + 2*2*2) = 2 * 40 = 80 MACs; classifier 1*2*3 = 6.
     m = ModelConfig(encoder_layers=1, decoder_layers=0, d_model=2, d_ff=4, num_heads=1, d_kv=2, code_num=3)
     assert t5_forward_flops(m, enc_tokens=2, dec_tokens=1, sequences=1) == 2 * (80 + 6)
+
+
+def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
+    import torch
+    from tiny_data import make_tiny_dataset
+
+    from etegrec.rec.trainer import JointTrainer
+    from etegrec.runtime import make_accelerator
+
+    cfg = make_tiny_dataset(tmp_path)
+    joint = JointTrainer(cfg, make_accelerator())
+    for phase in ("tokenizer", "recommender"):
+        r = time_train_steps(joint, phase, 2)
+        assert r["sequences"] == 2 * cfg.train.batch_size and r["seconds"] > 0
+        assert r["dec_tokens"] == r["sequences"] * cfg.model.code_length
+        assert 0 < r["enc_tokens_distinct"] <= r["enc_tokens"] and 0 < r["distinct"] <= r["sequences"]
+    batches = eval_history_batches(joint, "test", 20)
+    lengths = torch.cat([(b >= 0).sum(1) for b in batches])
+    assert len(lengths) == 20 and torch.equal(lengths, lengths.sort().values)
 
 
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:

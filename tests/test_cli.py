@@ -143,5 +143,7 @@ def test_resume_alone_continues_the_run_with_its_own_config(tmp_path: Path) -> N
 
     grpo_like = torch.load(run_dir / "last.pt", weights_only=True)
     grpo_like.update(phase="grpo", optimizers={"grpo": {}})
-    with pytest.raises(ArtifactError, match=r"is not the last.pt of a joint-training run \(phase 'grpo'\)"):
-        trainer.resumed_config(run_dir / "last.pt", grpo_like, {})
+    torch.save(grpo_like, tmp_path / "grpo_like.pt")
+    proc = _run("main.py", f"--resume={tmp_path / 'grpo_like.pt'}", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'grpo_like.pt'} is a GRPO checkpoint")

@@ -7,18 +7,11 @@ import math
 import pytest
 import torch
 
+from etegrec.bench.hf_generate import HFConstrainedGenerator, generate_with_hf
 from etegrec.config import ModelConfig
-from etegrec.rec.generation import (
-    HFConstrainedGenerator,
-    ItemTrie,
-    _length_chunks,
-    beam_search,
-    generate_with_hf,
-    sample,
-    sequence_log_probs,
-    trim_history,
-)
+from etegrec.rec.generation import _length_chunks, beam_search, sample, sequence_log_probs, trim_history
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemCodes
 
 K, C = 6, 3
 
@@ -55,7 +48,7 @@ def histories(item_codes: torch.Tensor, lengths: list[int], seed: int = 1) -> to
 # -------------------------------------------------------------------------------------------------- trie
 def test_trie_tables_by_hand() -> None:
     codes = torch.tensor([[0, 1], [0, 2], [2, 0]])  # items 1, 2, 3; K = 3
-    trie = ItemTrie(item_codes=codes, code_num=3)
+    trie = ItemCodes(codes, 3).trie()
     # level 0: prefixes (0) -> id 0, (2) -> id 1 (sorted by token); token 1 invalid
     assert trie.children[0].tolist() == [[0, -1, 1]]
     # level 1: after (0): tokens 1, 2 -> items 1, 2; after (2): token 0 -> item 3
@@ -70,7 +63,7 @@ def test_trie_tables_by_hand() -> None:
 
 def test_trie_masks_match_a_python_trie() -> None:
     codes = catalogue(40)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     rows = [tuple(r) for r in codes.tolist()]
     for level in range(C):
         prefixes = sorted({r[:level] for r in rows})
@@ -84,9 +77,9 @@ def test_trie_masks_match_a_python_trie() -> None:
 
 def test_trie_rejects_duplicates_and_out_of_range_codes() -> None:
     with pytest.raises(ValueError, match="add_suffix"):
-        ItemTrie(item_codes=torch.tensor([[0, 1], [0, 1]]), code_num=3)
+        ItemCodes(torch.tensor([[0, 1], [0, 1]]), code_num=3)
     with pytest.raises(ValueError, match="code_num"):
-        ItemTrie(item_codes=torch.tensor([[0, 3]]), code_num=3)
+        ItemCodes(torch.tensor([[0, 3]]), code_num=3)
 
 
 # ------------------------------------------------------------------------------------------ beam search
@@ -100,7 +93,7 @@ def test_history_chunking() -> None:
 
 def test_beam_search_returns_valid_distinct_items() -> None:
     model, codes = tiny_model(), catalogue(60)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [1, 3, 2, 40, 5, 1, 38])  # very different lengths: several encoder chunks
     out = beam_search(model, trie, hist, num_beams=8, top_k=5)
     assert out.items.shape == (7, 5) and out.codes.shape == (7, 5, C)
@@ -115,7 +108,7 @@ def test_beam_search_returns_valid_distinct_items() -> None:
 
 def test_wide_beam_equals_exhaustive_scoring() -> None:
     model, codes = tiny_model(1), catalogue(30, seed=3)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [2, 7, 1, 25, 4])
     out = beam_search(model, trie, hist, num_beams=30, top_k=30)
     every = codes.unsqueeze(0).expand(5, -1, -1)  # (B, N, C)
@@ -130,7 +123,7 @@ def test_wide_beam_equals_exhaustive_scoring() -> None:
 
 def test_catalogue_smaller_than_top_k_pads_with_zero() -> None:
     model, codes = tiny_model(), catalogue(3)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     out = beam_search(model, trie, histories(codes, [2, 1]), num_beams=6, top_k=5)
     assert sorted(out.items[0, :3].tolist()) == [1, 2, 3]
     assert out.items[:, 3:].eq(0).all() and out.codes[:, 3:].eq(-1).all()
@@ -139,7 +132,7 @@ def test_catalogue_smaller_than_top_k_pads_with_zero() -> None:
 
 def test_results_do_not_depend_on_the_batch() -> None:
     model, codes = tiny_model(2), catalogue(50)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [3, 30, 1, 6, 12])
     together = beam_search(model, trie, hist, num_beams=10, top_k=10)
     for row in range(5):
@@ -150,7 +143,7 @@ def test_results_do_not_depend_on_the_batch() -> None:
 
 def test_decoding_restores_the_model_mode_and_checks_arguments() -> None:
     model, codes = tiny_model(), catalogue(20)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [2, 3])
     model.train()
     first = beam_search(model, trie, hist, num_beams=4, top_k=4)
@@ -159,13 +152,13 @@ def test_decoding_restores_the_model_mode_and_checks_arguments() -> None:
     with pytest.raises(ValueError, match="top_k"):
         beam_search(model, trie, hist, num_beams=3, top_k=5)
     with pytest.raises(ValueError, match="does not match the model"):
-        beam_search(model, ItemTrie(item_codes=codes, code_num=K + 1), hist)
+        beam_search(model, ItemCodes(codes, K + 1).trie(), hist)
 
 
 # --------------------------------------------------------------------------------------------- sampling
 def test_samples_are_items_with_matching_log_probs() -> None:
     model, codes = tiny_model(), catalogue(40)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [4, 1, 20])
     out = sample(model, trie, hist, num_samples=6, temperature=0.7, generator=torch.Generator().manual_seed(0))
     assert out.items.shape == (3, 6) and out.codes.shape == (3, 6, C)
@@ -179,7 +172,7 @@ def test_samples_are_items_with_matching_log_probs() -> None:
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_sampling_distribution_matches_sequence_log_probs(temperature: float) -> None:
     model, codes = tiny_model(4), catalogue(8, seed=5)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [3])
     probs = sequence_log_probs(model, trie, hist, codes.unsqueeze(0), temperature=temperature).detach().exp()[0]  # (N,)
     assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-5)  # a distribution over the catalogue
@@ -193,7 +186,7 @@ def test_sampling_distribution_matches_sequence_log_probs(temperature: float) ->
 
 def test_sequence_log_probs_has_gradients_and_checks_items() -> None:
     model, codes = tiny_model(), catalogue(20)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [3, 2])
     logp = sequence_log_probs(model, trie, hist, codes[:2])
     logp.sum().backward()
@@ -207,14 +200,14 @@ def test_sequence_log_probs_has_gradients_and_checks_items() -> None:
 # ----------------------------------------------------------------------------------------- transformers
 def test_transformers_generate_path_agrees_with_beam_search() -> None:
     model, codes = tiny_model(3), catalogue(60, seed=7)
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     hist = histories(codes, [2, 9, 1, 4])
     ours = beam_search(model, trie, hist, num_beams=8, top_k=5)
-    theirs = HFConstrainedGenerator(model=model, trie=trie)(hist, num_beams=8, top_k=5)
+    theirs = HFConstrainedGenerator(model=model, codes=ItemCodes(codes, K))(hist, num_beams=8, top_k=5)
     assert torch.equal(theirs.items, ours.items)
     torch.testing.assert_close(theirs.scores, ours.scores, atol=1e-4, rtol=0)
-    assert torch.equal(generate_with_hf(model, trie, hist[:1], num_beams=8, top_k=5).items, ours.items[:1])
-    greedy = generate_with_hf(model, trie, hist, num_beams=1, top_k=1)  # transformers' greedy search
+    assert torch.equal(generate_with_hf(model, ItemCodes(codes, K), hist[:1], num_beams=8, top_k=5).items, ours.items[:1])
+    greedy = generate_with_hf(model, ItemCodes(codes, K), hist, num_beams=1, top_k=1)  # transformers' greedy search
     ours = beam_search(model, trie, hist, num_beams=1, top_k=1)
     assert torch.equal(greedy.items, ours.items)
     torch.testing.assert_close(greedy.scores, ours.scores, atol=1e-4, rtol=0)

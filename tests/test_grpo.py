@@ -125,10 +125,17 @@ def test_masked_log_softmax_and_exact_kl_by_hand():
 
 
 # ----------------------------------------------------------------------------- tier (b): rollouts
+def _batch(codes, history, target):
+    """A training batch: histories (B, S), target ids (B,) and their codes (B, C)."""
+    from etegrec.rec.data import Batch
+
+    return Batch(history_codes=history, target_codes=codes.table[target], target=target)
+
+
 def _tiny_model_and_trie(seed: int = 0):
     from etegrec.config import ModelConfig
-    from etegrec.rec.generation import ItemTrie
     from etegrec.rec.model import GenerativeRecommender
+    from etegrec.tokenizer.item_codes import ItemCodes
 
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -137,19 +144,22 @@ def _tiny_model_and_trie(seed: int = 0):
     model = GenerativeRecommender(cfg=cfg, semantic_dim=4, latent_dim=4).eval()
     # 20 distinct items over a 6 x 6 x 6 code space
     flat = torch.randperm(6**3, generator=torch.Generator().manual_seed(seed))[:20]
-    item_codes = torch.stack([flat // 36, (flat // 6) % 6, flat % 6], dim=1)  # (20, 3)
-    return model, ItemTrie(item_codes=item_codes, code_num=6)
+    codes = ItemCodes(torch.stack([flat // 36, (flat // 6) % 6, flat % 6], dim=1), code_num=6)  # 20 items, C = 3
+    return model, codes
 
 
 def test_rollouts_are_valid_items_with_consistent_log_probs():
     from etegrec.config import GRPOConfig
-    from etegrec.grpo.trainer import GroupScorer, collect_rollouts
+    from etegrec.grpo.rollouts import collect_rollouts
+    from etegrec.rec.generation import SequenceScorer
 
-    model, trie = _tiny_model_and_trie()
+    model, codes = _tiny_model_and_trie()
+    trie = codes.trie()
     history = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, -1, 5, 0, 2]])  # (B=2, S=2*C), -1 = pad
     target = torch.tensor([3, 11])
     cfg = GRPOConfig(grpo_group_size=8, grpo_temperature=1.5)
-    ro = collect_rollouts(model, GroupScorer(model=copy.deepcopy(model)), trie, history, target, cfg, None)
+    ro = collect_rollouts(model, SequenceScorer(model=copy.deepcopy(model)), trie, _batch(codes, history, target), cfg,
+                          None)
     items = trie.lookup(ro.codes)  # (B, G)
     assert (items >= 1).all() and (items <= trie.n_items).all()
     assert torch.equal(items, ro.items)  # the codes decode to the reported items
@@ -164,20 +174,23 @@ def test_rollouts_are_valid_items_with_consistent_log_probs():
 
 def test_policy_update_changes_policy_and_keeps_reference_fixed():
     from etegrec.config import GRPOConfig
-    from etegrec.grpo.trainer import GroupScorer, collect_rollouts, policy_update
+    from etegrec.grpo.rollouts import collect_rollouts
+    from etegrec.grpo.trainer import policy_update
+    from etegrec.rec.generation import SequenceScorer
     from etegrec.runtime import make_accelerator
 
-    model, trie = _tiny_model_and_trie(seed=1)
-    reference = GroupScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
+    model, codes = _tiny_model_and_trie(seed=1)
+    trie = codes.trie()
+    reference = SequenceScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
     ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scorer = GroupScorer(model=model)
+    scorer = SequenceScorer(model=model)
     opt = torch.optim.AdamW(scorer.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     cfg = GRPOConfig(grpo_group_size=6, grpo_num_iterations=2, grpo_reward_type="prefix")
     history = torch.randint(0, 6, (5, 6))
     target = torch.randint(1, 21, (5,))
-    ros = [collect_rollouts(model, reference, trie, history, target, cfg, None) for _ in range(2)]
+    ros = [collect_rollouts(model, reference, trie, _batch(codes, history, target), cfg, None) for _ in range(2)]
     stats = policy_update(scorer, ros, opt, sched, make_accelerator(), cfg)
     assert all(math.isfinite(v) for v in stats.values())
     assert stats["logp_gap"] < 1e-3  # sampler and teacher-forced scorer agree on the rollout policy
@@ -190,15 +203,20 @@ def test_policy_update_changes_policy_and_keeps_reference_fixed():
 def test_gradient_accumulation_equals_one_big_batch():
     from etegrec.config import GRPOConfig
     from etegrec.grpo.algorithm import Rewards
-    from etegrec.grpo.trainer import GroupScorer, Rollouts, collect_rollouts, policy_update
+    from etegrec.grpo.rollouts import Rollouts, collect_rollouts
+    from etegrec.grpo.trainer import policy_update
+    from etegrec.rec.generation import SequenceScorer
     from etegrec.runtime import make_accelerator
 
-    model, trie = _tiny_model_and_trie(seed=2)
-    reference = GroupScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
+    model, codes = _tiny_model_and_trie(seed=2)
+    trie = codes.trie()
+    reference = SequenceScorer(model=copy.deepcopy(model)).requires_grad_(False).eval()
     cfg = GRPOConfig(grpo_group_size=4, grpo_max_grad_norm=0.0, grpo_kl_coeff=0.5)
     torch.manual_seed(3)
     parts = [
-        collect_rollouts(model, reference, trie, torch.randint(0, 6, (4, 6)), torch.randint(1, 21, (4,)), cfg, None)
+        collect_rollouts(
+            model, reference, trie, _batch(codes, torch.randint(0, 6, (4, 6)), torch.randint(1, 21, (4,))), cfg, None
+        )
         for _ in range(2)
     ]
     whole = Rollouts(
@@ -210,7 +228,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for rollouts in (parts, [whole]):
         policy = copy.deepcopy(model)
-        scorer = GroupScorer(model=policy)
+        scorer = SequenceScorer(model=policy)
         opt = torch.optim.SGD(scorer.parameters(), lr=0.5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         policy_update(scorer, rollouts, opt, sched, make_accelerator(), cfg)
@@ -228,7 +246,8 @@ def sft_checkpoint(tmp_path_factory):
 
     from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
     from etegrec.rec.checkpoint import build_recommender, save_joint
-    from etegrec.rec.data import CodeTable, SequenceDataset, train_loader
+    from etegrec.rec.data import SequenceDataset, train_loader
+    from etegrec.tokenizer.item_codes import ItemCodes
     from etegrec.tokenizer.rqvae import load_rqvae
 
     root = tmp_path_factory.mktemp("grpo")
@@ -238,7 +257,7 @@ def sft_checkpoint(tmp_path_factory):
     model = build_recommender(cfg, tokenizer.model_args())
     files = DatasetFiles.from_config(cfg)
     splits = load_splits(files, load_item_map(files), cfg.data.max_his_len)
-    codes = CodeTable(obj["item_codes"])
+    codes = ItemCodes(obj["item_codes"], cfg.model.code_num)
     loader = train_loader(SequenceDataset(splits["train"], cfg.data.max_his_len), codes, 32, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     model.train()
@@ -254,7 +273,7 @@ def sft_checkpoint(tmp_path_factory):
         cfg=cfg,
         model=model.eval(),
         tokenizer=tokenizer,
-        item_codes=obj["item_codes"],
+        item_codes=codes,
         epoch=8,
         phase="finetune",
         metrics={},
@@ -266,7 +285,7 @@ def test_config_comes_from_the_checkpoint(sft_checkpoint, tmp_path):
     import yaml
 
     from etegrec.config import ConfigError
-    from etegrec.grpo.trainer import load_grpo_config
+    from etegrec.grpo.config import load_grpo_config
 
     path, sft_cfg = sft_checkpoint
     cfg = load_grpo_config([f"--sft_ckpt={path}", "--grpo_lr=0.001", "--grpo_group_size", "3", "--num_beams=12"])
@@ -292,7 +311,7 @@ def test_config_comes_from_the_checkpoint(sft_checkpoint, tmp_path):
 
 
 def _grpo_cfg(path, *extra):
-    from etegrec.grpo.trainer import load_grpo_config
+    from etegrec.grpo.config import load_grpo_config
 
     return load_grpo_config(
         [
@@ -328,7 +347,7 @@ def test_short_run_changes_policy_and_never_keeps_worse_than_sft(sft_checkpoint)
     moved = [k for k, v in last["model"].items() if not torch.equal(v, sft["model"][k])]
     assert moved and not any("adapter" in k for k in moved)
     kept = load_joint(run_dir / "best.pt")
-    assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes, sft["item_codes"])
+    assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes.stored(), sft["item_codes"])
     assert kept.raw["metrics"]["test"] == summary["grpo"]["test"]
 
 
@@ -367,6 +386,7 @@ def _assert_same_results(got, expected, rel=1e-6):
 def test_resumed_run_equals_an_uninterrupted_one(sft_checkpoint, monkeypatch):
     from etegrec.artifacts import ArtifactError
     from etegrec.grpo import trainer
+    from etegrec.grpo.config import load_grpo_config
     from etegrec.rec.checkpoint import read_joint
     from etegrec.runtime import make_accelerator
 
@@ -377,17 +397,17 @@ def test_resumed_run_equals_an_uninterrupted_one(sft_checkpoint, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_epoch, calls = trainer._train_epoch, []
+    real_epoch, calls = trainer.GRPOTrainer._train_epoch, []
 
-    def stop_in_second_epoch(*a):
+    def stop_in_second_epoch(self, *a):
         calls.append(1)
         if len(calls) == 2:
             raise Interrupted
-        return real_epoch(*a)
+        return real_epoch(self, *a)
 
     runs = path.parent.parent
     before = set(runs.iterdir())
-    monkeypatch.setattr(trainer, "_train_epoch", stop_in_second_epoch)
+    monkeypatch.setattr(trainer.GRPOTrainer, "_train_epoch", stop_in_second_epoch)
     with pytest.raises(Interrupted):
         trainer.run(_grpo_cfg(path, *args), make_accelerator())
     monkeypatch.undo()
@@ -396,10 +416,10 @@ def test_resumed_run_equals_an_uninterrupted_one(sft_checkpoint, monkeypatch):
     assert (last["epoch"], last["trainer"]["epoch"], last["trainer"]["done"]) == (1, 1, False)
 
     # the run's own config wins over values given with --resume; a best.pt cannot be resumed
-    cfg = trainer.load_grpo_config([f"--resume={run_dir / 'last.pt'}", "--grpo_lr=0.5", "--sft_ckpt=elsewhere.pt"])
+    cfg = load_grpo_config([f"--resume={run_dir / 'last.pt'}", "--grpo_lr=0.5", "--sft_ckpt=elsewhere.pt"])
     assert (cfg.grpo.grpo_lr, cfg.grpo.sft_ckpt) == (0.003, str(path))
     with pytest.raises(ArtifactError, match="not the last.pt of a GRPO run"):
-        trainer.load_grpo_config([f"--resume={run_dir / 'best.pt'}"])
+        load_grpo_config([f"--resume={run_dir / 'best.pt'}"])
     resumed = trainer.run(cfg, make_accelerator())
 
     assert resumed.pop("run_dir") == str(run_dir) and (run_dir / "metrics.json").is_file()
@@ -413,6 +433,39 @@ def test_resumed_run_equals_an_uninterrupted_one(sft_checkpoint, monkeypatch):
     a, b = (read_joint(d / "last.pt")["trainer"] for d in (run_dir, straight_dir))
     assert a["epoch"] == 2 and a["done"]
     _assert_same_results({**a, "best_model": None}, {**b, "best_model": None})
+
+
+def test_wrong_kind_of_checkpoint_or_no_checkpoint_is_one_clear_error(sft_checkpoint, tmp_path):
+    from etegrec.artifacts import ArtifactError
+    from etegrec.grpo.config import load_grpo_config
+    from etegrec.grpo.trainer import run
+    from etegrec.rec.checkpoint import GRPO_CKPT_FORMAT, read_joint
+    from etegrec.rec.trainer import JointTrainer
+    from etegrec.runtime import make_accelerator
+
+    path, sft_cfg = sft_checkpoint
+    summary = run(_grpo_cfg(path, "--grpo_epochs=1", "--tensorboard=false"), make_accelerator())
+    grpo_last = Path(summary["run_dir"]) / "last.pt"
+    assert read_joint(grpo_last)["format"] == GRPO_CKPT_FORMAT  # its own kind; still a readable recommender
+
+    # main.py --resume=<run>_grpo/last.pt: the joint trainer names the file and the command that resumes it
+    cfg = copy.deepcopy(sft_cfg)
+    cfg.train.resume = str(grpo_last)
+    with pytest.raises(ArtifactError, match=r"is a GRPO checkpoint; continue its run with `python train_grpo.py"):
+        JointTrainer(cfg, make_accelerator())
+    cfg.train.resume = str(path)  # a joint-training checkpoint without trainer state
+    with pytest.raises(ArtifactError, match="no optimiser or trainer state"):
+        JointTrainer(cfg, make_accelerator())
+
+    # a file that is no checkpoint at all, as --sft_ckpt, as GRPO's --resume and as main.py's --resume
+    text = tmp_path / "x.pt"
+    text.write_text("hello\n")
+    for argv in ([f"--sft_ckpt={text}"], [f"--resume={text}"]):
+        with pytest.raises(ArtifactError, match=f"{text} is not a readable joint checkpoint"):
+            load_grpo_config(argv)
+    cfg.train.resume = str(text)
+    with pytest.raises(ArtifactError, match=f"{text} is not a readable joint checkpoint"):
+        JointTrainer(cfg, make_accelerator())
 
 
 @pytest.mark.slow

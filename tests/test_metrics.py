@@ -16,12 +16,13 @@ import torch
 
 from etegrec.artifacts import SplitData
 from etegrec.config import ModelConfig
-from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader
+from etegrec.rec.data import SequenceDataset, eval_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.generation import ItemTrie, beam_search
+from etegrec.rec.generation import beam_search
 from etegrec.rec.metrics import max_cutoff, metrics_from_ranks, parse_metric, target_ranks
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.runtime import make_accelerator
+from etegrec.tokenizer.item_codes import ItemCodes
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["recall@1", "recall@5", "ndcg@5", "recall@10", "ndcg@10"]
@@ -81,8 +82,8 @@ def setup_tiny(seed: int = 0) -> tuple[GenerativeRecommender, torch.Tensor, Sequ
 
 def direct_metrics(model, codes, dataset) -> dict[str, float]:
     """Beam search over all users in one batch, no loader, no accelerator."""
-    trie = ItemTrie(item_codes=codes, code_num=K)
-    table = CodeTable(codes).table
+    trie = ItemCodes(codes, K).trie()
+    table = ItemCodes(codes, K).table
     hist = table[dataset.history].reshape(len(dataset), -1)
     out = beam_search(model, trie, hist, num_beams=10, top_k=10)
     return metrics_from_ranks(target_ranks(out.items, dataset.target), NAMES)
@@ -91,19 +92,19 @@ def direct_metrics(model, codes, dataset) -> dict[str, float]:
 def test_evaluate_equals_direct_computation_for_every_batch_size() -> None:
     model, codes, dataset = setup_tiny()
     accelerator = make_accelerator()
-    trie = ItemTrie(item_codes=codes, code_num=K)
+    trie = ItemCodes(codes, K).trie()
     expected = direct_metrics(model, codes, dataset)
     assert 0 < expected["recall@10"]  # some hits, so the comparison means something
     for batch_size in [1, 4, 7, 64]:
-        loader = eval_loader(dataset, CodeTable(codes), batch_size)
+        loader = eval_loader(dataset, ItemCodes(codes, K), batch_size)
         got = evaluate(model, trie, loader, accelerator, 10, NAMES)
         assert got == pytest.approx(expected, abs=1e-12), batch_size
 
 
 def test_evaluate_checks_beam_width() -> None:
     model, codes, dataset = setup_tiny()
-    trie = ItemTrie(item_codes=codes, code_num=K)
-    loader = eval_loader(dataset, CodeTable(codes), 8)
+    trie = ItemCodes(codes, K).trie()
+    loader = eval_loader(dataset, ItemCodes(codes, K), 8)
     with pytest.raises(ValueError, match="num_beams"):
         evaluate(model, trie, loader, make_accelerator(), 5, NAMES)
 
@@ -113,13 +114,13 @@ import json, sys
 import torch
 sys.path.insert(0, {tests!r})
 from test_metrics import setup_tiny, K, NAMES
-from etegrec.rec.data import CodeTable, eval_loader
+from etegrec.rec.data import eval_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.generation import ItemTrie
 from etegrec.runtime import make_accelerator
+from etegrec.tokenizer.item_codes import ItemCodes
 acc = make_accelerator()
 model, codes, dataset = setup_tiny()
-got = evaluate(model, ItemTrie(item_codes=codes, code_num=K), eval_loader(dataset, CodeTable(codes), 5), acc, 10, NAMES)
+got = evaluate(model, ItemCodes(codes, K).trie(), eval_loader(dataset, ItemCodes(codes, K), 5), acc, 10, NAMES)
 json.dump({{"world": acc.num_processes, "metrics": got}}, open({out!r} + str(acc.process_index), "w"))
 """
 

@@ -8,10 +8,11 @@ import torch
 
 from etegrec.artifacts import SplitData
 from etegrec.config import ModelConfig
-from etegrec.rec.data import BucketBatchSampler, CodeCollator, CodeTable, SequenceDataset, eval_loader
+from etegrec.rec.data import BucketBatchSampler, CodeCollator, SequenceDataset, eval_loader
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemCodes
 
-CODES = torch.tensor([[0, 1, 0], [2, 3, 0], [2, 3, 1], [1, 0, 0]])  # items 1..4, C = 3
+CODES = torch.tensor([[0, 1, 0], [2, 3, 0], [2, 3, 1], [1, 0, 0]])  # items 1..4, C = 3, K = 4
 
 
 def split(histories: list[list[int]], targets: list[int]) -> SplitData:
@@ -33,7 +34,7 @@ def test_dataset_keeps_the_last_items_and_pads_to_the_batch_maximum() -> None:
 
 def test_collator_maps_items_to_current_codes() -> None:
     ds = SequenceDataset(split([[1], [2, 4]], [3, 1]), max_his_len=5)
-    table = CodeTable(CODES)
+    table = ItemCodes(CODES, code_num=4)
     collate = CodeCollator(table)
     b = collate(ds.__getitems__([0, 1]))
     assert b.history_codes.tolist() == [[0, 1, 0, -1, -1, -1], [2, 3, 0, 1, 0, 0]]  # (B, T*C), pad item -> -1s
@@ -83,7 +84,7 @@ def test_bucket_sampler_pads_to_equal_steps_per_process() -> None:
 
 def test_eval_loader_visits_every_record_once_in_length_order() -> None:
     ds = SequenceDataset(split([[1, 2, 3], [4], [2, 3]], [1, 2, 3]), max_his_len=5)
-    batches = list(eval_loader(ds, CodeTable(CODES), batch_size=2))
+    batches = list(eval_loader(ds, ItemCodes(CODES, code_num=4), batch_size=2))
     assert [b.target.tolist() for b in batches] == [[2, 3], [1]]  # lengths 1, 2 then 3
     assert batches[0].history_codes.shape == (2, 6)
 

@@ -49,3 +49,29 @@ def test_cuda_device_without_cuda_names_the_key(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError, match=r"^rq_device='cuda:1' but CUDA is not available on this machine; use auto"):
         pick_device("cuda:1", "rq_device")
     assert pick_device("auto", "rq_device").type == "cpu"
+
+
+def test_a_resumed_run_keeps_its_own_config_and_rejects_an_unreadable_one(tmp_path: Path) -> None:
+    from etegrec.artifacts import ArtifactError
+    from etegrec.config import Config
+    from etegrec.runtime import resumed_config
+
+    stored = Config()
+    stored.train.lr_rec = 0.5
+    path = tmp_path / "run" / "last.pt"
+    cfg = resumed_config(path, {"config": stored.to_dict()}, {"lr_rec": 0.1, "resume": "elsewhere.pt"})
+    assert cfg.train.lr_rec == 0.5 and cfg.train.resume == str(path)
+    with pytest.raises(ArtifactError, match="last.pt: its stored config does not fit"):
+        resumed_config(path, {"config": {**stored.to_dict(), "renamed_key": 1}}, {})
+
+
+def test_epoch_seed_depends_on_seed_epoch_and_rank_only() -> None:
+    import torch
+
+    from etegrec.runtime import seed_epoch
+
+    draws = []
+    for seed, epoch, rank in [(1, 2, 0), (1, 2, 0), (1, 3, 0), (1, 2, 1)]:
+        seed_epoch(seed, epoch, rank)
+        draws.append(torch.rand(1).item())
+    assert draws[0] == draws[1] and len(set(draws)) == 3

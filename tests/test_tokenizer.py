@@ -14,6 +14,7 @@ import torch
 from etegrec.artifacts import ArtifactError, atomic_save_npy, atomic_write_json
 from etegrec.config import load_config
 from etegrec.tokenizer import (
+    ItemCodes,
     RQVAE,
     ResidualQuantizer,
     add_suffix,
@@ -178,6 +179,34 @@ def test_add_suffix_group_too_large() -> None:
         add_suffix(codes, code_num=2)
 
 
+def test_item_codes_check_their_invariants_and_rebuild_the_trie_only_after_a_change() -> None:
+    codes = ItemCodes(torch.tensor([[0, 1, 0], [0, 1, 1], [2, 0, 0]]), code_num=3)  # items 1..3 in id order
+    assert codes.table[0].tolist() == [-1, -1, -1] and codes.table[3].tolist() == [2, 0, 0]  # row i = item i
+    assert (codes.n_items, codes.code_length) == (3, 3)
+    trie = codes.trie()
+    assert trie.lookup(codes.table[1:]).tolist() == [1, 2, 3]
+    codes.update(codes.stored())  # the same codes: the trie stays
+    assert codes.trie() is trie
+    new = torch.tensor([[0, 1, 0], [1, 1, 1], [2, 2, 0]])  # item 2 changes at level 1, item 3 at level 2
+    churn = codes.churn(new)
+    assert churn == pytest.approx(
+        {"churn": 2 / 3, "prefix_churn": 2 / 3, "churn_first_level1": 1 / 3, "churn_first_level2": 1 / 3}
+    )
+    codes.update(new)
+    assert codes.trie() is not trie and codes.trie().lookup(torch.tensor([1, 1, 1])).item() == 2
+    for bad, message in [
+        (new[:2], "shape"),
+        (new[:, :2], "code_length"),
+        (new + 1, "code_num"),
+        (torch.tensor([[0, 1, 0], [0, 1, 0], [2, 0, 0]]), "add_suffix"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            codes.update(bad)
+    assert torch.equal(codes.stored(), new)  # a rejected update changes nothing
+    with pytest.raises(ArtifactError, match=r"ckpt.pt: .*codes for 3 items, but the data has 4"):
+        ItemCodes.from_file(new, 3, "ckpt.pt", n_items=4)
+
+
 def test_collision_stats_hand_arithmetic() -> None:
     codes = torch.tensor([[1, 2], [0, 5], [1, 2], [1, 2], [0, 5], [3, 3]])
     s = collision_stats(codes, code_num=8)
@@ -201,7 +230,7 @@ def test_checkpoint_round_trip_strict(tmp_path: Path) -> None:
     table, stats = build_item_codes(model, x, 8, sk_epsilons=[0.003] * 3)
     cfg = load_config(None, [])
     path = tmp_path / "best.pth"
-    save_rqvae(path, model, table, stats, cfg, extra={"input": {"tokenizer_input": "dual", "n_items": 40}})
+    save_rqvae(path, model, ItemCodes(table, 8), stats, cfg, extra={"input": {"tokenizer_input": "dual", "n_items": 40}})
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "etegrec.rqvae/1" and torch.equal(raw["item_codes"], table)
     assert raw["model_args"]["num_emb_list"] == [8, 8, 8] and raw["config"]["e_dim"] == cfg.tokenizer.e_dim
@@ -214,7 +243,7 @@ def test_checkpoint_round_trip_strict(tmp_path: Path) -> None:
 def test_mismatched_checkpoint_gives_clear_error(tmp_path: Path) -> None:
     model = small_model()
     table = add_suffix(model.get_codes(torch.randn(10, 12)), 8)
-    save_rqvae(tmp_path / "a.pth", model, table, {}, {"dataset": "Toy"}, extra={"producer": "unit test"})
+    save_rqvae(tmp_path / "a.pth", model, ItemCodes(table, 8), {}, {"dataset": "Toy"}, extra={"producer": "unit test"})
     raw = torch.load(tmp_path / "a.pth", weights_only=True)
     del raw["state_dict"]["rq.codebooks.2.weight"]
     raw["state_dict"]["decoder.mlp_layers.1.weight"] = torch.zeros(3, 3)

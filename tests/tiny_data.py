@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from etegrec.config import Config
-from etegrec.tokenizer.item_codes import add_suffix
+from etegrec.tokenizer.item_codes import ItemCodes, add_suffix
 from etegrec.tokenizer.rqvae import RQVAE, save_rqvae
 
 NAME = "tiny"
@@ -120,7 +120,7 @@ def make_tiny_dataset(
     t = cfg.tokenizer
     model = RQVAE(in_dim=vectors.shape[1], layers=t.layers, e_dim=t.e_dim, num_emb_list=t.num_emb_list)
     model.rq.init_kmeans(model.encode(vectors), iters=10, seed=seed)
-    codes = add_suffix(model.get_codes(vectors), cfg.model.code_num)  # (N, 4)
+    codes = ItemCodes(add_suffix(model.get_codes(vectors), cfg.model.code_num), cfg.model.code_num)  # (N, 4)
     save_rqvae(
         Path(t.rqvae_path),
         model,

@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from etegrec.artifacts import atomic_write_json, atomic_write_text
 from etegrec.bench.quality import machine_description
 from etegrec.config import REPO_ROOT, ModelConfig, load_config, resolve_path
+from etegrec.rec.data import eval_loader
+from etegrec.rec.losses import first_occurrence
+from etegrec.rec.schedule import plan_epoch
 from etegrec.runtime import peak_memory_mb, sync_device
 
 logger = logging.getLogger("etegrec.bench")
@@ -64,11 +68,61 @@ def t5_forward_flops(m: ModelConfig, enc_tokens: float, dec_tokens: float, seque
     return 2.0 * (enc + dec + classifier)
 
 
+def time_train_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
+    """Time ``steps`` training steps of a ``JointTrainer`` in ``phase`` (``tokenizer`` | ``recommender``) with every
+    loss term on.
+
+    Trains the models as a real epoch would (weights change). Token counts exclude padding, so callers can
+    turn them into useful FLOPs.
+
+    Returns:
+        ``sequences``, ``seconds``, ``enc_tokens`` / ``dec_tokens`` (history / target code tokens of all
+        rows), ``distinct`` and ``enc_tokens_distinct`` (rows with distinct targets, which the tokenizer
+        phase runs the recommender on).
+    """
+    if phase not in ("tokenizer", "recommender"):
+        raise ValueError(f"phase={phase!r}; use tokenizer or recommender")
+    plan = plan_epoch(
+        0 if phase == "tokenizer" else 1, cycle=2, warm_epoch=0, ablation="none", converged=False,
+        weights=trainer.weights,
+    )
+    groups = trainer.start_phase(plan)
+    batches = [b.to(trainer.device) for _, b in zip(range(steps + 1), trainer.train_loader)]
+    out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
+    start = 0.0
+    for i, b in enumerate(batches):
+        if i == 1:  # the first step warms up allocators and kernels
+            sync_device(trainer.device)
+            start = time.perf_counter()
+        trainer.accumulate(b, plan, i)
+        trainer.optimizer_step(groups)
+        if i >= 1:
+            first = first_occurrence(b.target)
+            real = b.history_codes >= 0  # (B, S)
+            out["sequences"] += b.target.shape[0]
+            out["enc_tokens"] += float(real.sum())
+            out["dec_tokens"] += b.target_codes.numel()
+            out["distinct"] += first.shape[0]
+            out["enc_tokens_distinct"] += float(real[first].sum())
+    sync_device(trainer.device)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def eval_history_batches(trainer: Any, split: str, users: int) -> list[Tensor]:
+    """History codes of the first ``users`` records of a ``JointTrainer``'s ``split``, sorted by length, in
+    eval-size batches: (b, S) each."""
+    data = trainer.eval_sets[split]
+    subset = data.subset(torch.arange(min(users, len(data))))
+    loader = eval_loader(subset, trainer.codes, trainer.cfg.train.eval_batch_size)
+    return [b.history_codes.to(trainer.device) for b in loader]
+
+
 def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     m = trainer.cfg.model
     for phase in ("recommender", "tokenizer"):
-        r = trainer.benchmark_steps(phase, steps)
+        r = time_train_steps(trainer, phase, steps)
         flops = 3 * t5_forward_flops(m, r["enc_tokens"], r["dec_tokens"], r["sequences"])
         if phase == "tokenizer":
             # tokenizer phase: the frozen recommender runs forward only (no backward), on the distinct targets,
@@ -87,11 +141,12 @@ def _train_section(trainer: Any, steps: int, peak: float) -> dict[str, Any]:
 
 
 def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, peak: float) -> dict[str, Any]:
-    from etegrec.rec.generation import HFConstrainedGenerator, ItemTrie, beam_search
+    from etegrec.bench.hf_generate import HFConstrainedGenerator
+    from etegrec.rec.generation import beam_search
 
     model = trainer.model.eval()
-    trie = ItemTrie(item_codes=trainer.codes.codes, code_num=model.code_num).to(trainer.device)
-    batches = trainer.benchmark_eval_batches("test", users)  # history_codes (b, S) batches, length-sorted
+    trie = trainer.codes.trie(trainer.device)
+    batches = eval_history_batches(trainer, "test", users)  # history_codes (b, S) batches, length-sorted
     n_users = sum(b.shape[0] for b in batches)
     out: dict[str, Any] = {"users": n_users}
     m = trainer.cfg.model
@@ -110,7 +165,7 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
         flops = t5_forward_flops(m, enc_tokens, dec_tokens, n_users)
         out[f"beams_{width}"] = {"users_per_s": n_users / seconds, "utilisation": flops / seconds / 1e9 / peak}
         logger.info("beam search, %d beams: %.1f users/s", width, n_users / seconds)
-    hf = HFConstrainedGenerator(model=model, trie=trie)
+    hf = HFConstrainedGenerator(model=model, codes=trainer.codes)
     step = max(1, len(batches) // max(1, round(hf_users / batches[0].shape[0])))
     hf_batches = batches[::step][: max(1, round(hf_users / batches[0].shape[0]))]  # spread over lengths
     seen = sum(b.shape[0] for b in hf_batches)

@@ -46,7 +46,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -267,27 +267,33 @@ def recbole_config_dict(cfg: Config, recbole_root: Path, checkpoint_dir: Path, s
     }
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train SASRec, write ``<NAME>_emb_<dim>.npy`` and ``<NAME>.sasrec_metrics.json``; return the metrics."""
-    s = cfg.sasrec
-    start = time.perf_counter()
-    files = DatasetFiles.from_config(cfg)
-    name = files.name
-    recbole_name = f"{name}_recbole"
-    recbole_dir = files.dir / recbole_name
-    item_map = load_item_map(files)
-    n_items = len(item_map) - 1
-    splits = load_splits(files, item_map)
-    seqs = user_sequences(splits, files)
-    stamp = timestamp()
-    log_file = recbole_dir / "log" / f"SASRec-{stamp}.log"
-    setup_logging(log_file)
-    write_recbole_inter(recbole_dir / f"{recbole_name}.inter", seqs.sequences)
-    logger.info("%s: %d users, %d items; RecBole input %s", name, len(seqs.users), n_items, recbole_dir)
+class _Trained(NamedTuple):
+    """What training SASRec with RecBole yields."""
 
+    embedding: np.ndarray  # (N, d) float32, row j = project item id j+1
+    valid: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int
+    valid_curve: list[float]  # valid NDCG@10 per epoch
+    train_seconds: float
+
+
+def _train_recbole(
+    cfg: Config,
+    files: DatasetFiles,
+    splits: dict[str, SplitData],
+    seqs: UserSequences,
+    n_items: int,
+    log_file: Path,
+    stamp: str,
+    device: Any,
+) -> _Trained:
+    """Train SASRec with RecBole's ``Trainer`` on RecBole's copy of the split (checked against the prepared one),
+    reload the best-validation checkpoint, evaluate it and export its item table in project item-id order."""
     from etegrec.embeddings import recbole_compat as rb  # imports RecBole (slow); only when training
 
-    device = pick_device(s.sasrec_device, "sasrec_device")
+    recbole_name = f"{files.name}_recbole"
+    recbole_dir = files.dir / recbole_name
     show_progress = sys.stderr.isatty()
     config = rb.make_config(
         model="SASRec",
@@ -322,21 +328,51 @@ def run(cfg: Config) -> dict[str, Any]:
         trainer.tensorboard.close()
 
     weight = model.item_embedding.weight.detach().cpu().numpy()  # (N+1, d), RecBole's internal order, 0 = pad
-    emb = np.ascontiguousarray(weight[rows], dtype=np.float32)  # (N, d), row j = project item id j+1
+    return _Trained(
+        embedding=np.ascontiguousarray(weight[rows], dtype=np.float32),  # (N, d), row j = project item id j+1
+        valid={k: float(v) for k, v in valid.items()},
+        test={k: float(v) for k, v in test.items()},
+        best_epoch=best_epoch,
+        valid_curve=valid_curve,
+        train_seconds=train_seconds,
+    )
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train SASRec, write ``<NAME>_emb_<dim>.npy`` and ``<NAME>.sasrec_metrics.json``; return the metrics."""
+    s = cfg.sasrec
+    start = time.perf_counter()
+    files = DatasetFiles.from_config(cfg)
+    name = files.name
+    recbole_name = f"{name}_recbole"
+    recbole_dir = files.dir / recbole_name
+    item_map = load_item_map(files)
+    n_items = len(item_map) - 1
+    splits = load_splits(files, item_map)
+    seqs = user_sequences(splits, files)
+    stamp = timestamp()
+    log_file = recbole_dir / "log" / f"SASRec-{stamp}.log"
+    setup_logging(log_file)
+    write_recbole_inter(recbole_dir / f"{recbole_name}.inter", seqs.sequences)
+    logger.info("%s: %d users, %d items; RecBole input %s", name, len(seqs.users), n_items, recbole_dir)
+
+    device = pick_device(s.sasrec_device, "sasrec_device")
+    trained = _train_recbole(cfg, files, splits, seqs, n_items, log_file, stamp, device)
+    emb = trained.embedding
     emb_path = files.collab_emb(s.sasrec_hidden_size)
     atomic_save_npy(emb_path, emb)
     metrics = {
         "model": "SASRec (RecBole 1.2.1)",
         "protocol": "leave-one-out; full ranking over all items; history items not masked",
-        "valid": {k: float(v) for k, v in valid.items()},
-        "test": {k: float(v) for k, v in test.items()},
-        "best_epoch": best_epoch,
-        "epochs_trained": len(valid_curve),
-        "valid_ndcg@10_curve": valid_curve,
+        "valid": trained.valid,
+        "test": trained.test,
+        "best_epoch": trained.best_epoch,
+        "epochs_trained": len(trained.valid_curve),
+        "valid_ndcg@10_curve": trained.valid_curve,
         "n_users": len(seqs.users),
         "n_items": n_items,
         "device": str(device),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(trained.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "embedding_file": emb_path.name,
         "hyperparameters": {
@@ -347,8 +383,8 @@ def run(cfg: Config) -> dict[str, Any]:
     atomic_write_json(files.sasrec_metrics, metrics)
     logger.info(
         "SASRec best epoch %d of %d; test %s; %s (%s) written in %.1f s",
-        best_epoch,
-        len(valid_curve),
+        trained.best_epoch,
+        len(trained.valid_curve),
         json.dumps(metrics["test"]),
         emb_path.name,
         emb.shape,

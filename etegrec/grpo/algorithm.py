@@ -4,8 +4,7 @@ Variant: GRPO with outcome rewards (Shao et al. 2024, DeepSeekMath §4.1, "outco
 "completion" = the code tuple of one item (``code_length`` tokens), a group = ``G`` items sampled for one user
 history. Every function here is pure: shaped tensors in, shaped tensors out; the trainer does the I/O.
 
-Choices, and where they depart from the GRPO paper, from TRL's ``GRPOTrainer`` and from the reference code
-(spec §8, §11.1-20):
+Choices, and where they depart from the GRPO paper, from TRL's ``GRPOTrainer`` and from the reference code:
 
 * **Reward** = ``hit + alpha * graded`` with ``hit`` = 1 when the sampled item is the target. The graded term
   (``grpo_reward_type``) is by default the **shared item-code prefix length / code_length** of the sampled

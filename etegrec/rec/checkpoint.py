@@ -1,4 +1,4 @@
-"""Joint-training checkpoints: one self-describing file per snapshot (design.md "Joint checkpoints").
+"""Recommender checkpoints (joint training and GRPO): one self-describing file per snapshot.
 
 ``<ckpt_dir>/<dataset>/<TIMESTAMP>/best.pt`` (best validated model) and ``last.pt`` (end of the latest epoch,
 with everything needed to resume) are ``torch.save`` dicts of tensors and plain containers, so
@@ -9,26 +9,30 @@ with everything needed to resume) are ``torch.save`` dicts of tensors and plain 
      "epoch": int, "phase": str, "metrics": dict, "optimizers": {name: state_dict}, "schedulers": {...},
      "trainer": {stage, epoch, best score, patience, ...}, "rng": {...}}
 
-``load_joint`` rebuilds recommender, tokenizer and code table from the file alone (GRPO and evaluation use it).
-Deviation from the reference: one file instead of ``{epoch}.pt`` + ``.pt.rqvae`` + ``.code.json`` (spec §6.3),
-strict loading, and finetune checkpoints never overwrite the alternating phase's files by name collision.
+A GRPO run's files (``<TIMESTAMP>_grpo/``) hold the same entries under the format ``etegrec.grpo/1``: every
+reader of a recommender (``load_joint``: GRPO's SFT model, evaluation) takes both, but a run resumes only from
+its own kind (``read_joint_resume`` here, ``etegrec.grpo.config.read_resume_checkpoint`` for GRPO).
+Deviation from the reference: one file instead of ``{epoch}.pt`` + ``.pt.rqvae`` + ``.code.json`` (model,
+tokenizer and item codes saved apart, so they could go out of step), strict loading, and finetune checkpoints
+never overwrite the alternating phase's files by name collision.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
 from etegrec.artifacts import STEP_JOINT, ArtifactError, atomic_torch_save
-from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.config import Config
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.runtime import cpu_state, load_checkpoint_file, stored_config
+from etegrec.tokenizer.item_codes import ItemCodes
 from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state
 
 CKPT_FORMAT = "etegrec.joint/1"
+GRPO_CKPT_FORMAT = "etegrec.grpo/1"
 
 
 class JointState(NamedTuple):
@@ -37,7 +41,7 @@ class JointState(NamedTuple):
     cfg: Config
     model: GenerativeRecommender
     tokenizer: RQVAE
-    item_codes: Tensor  # (N, C) long, row j = item id j+1
+    item_codes: ItemCodes
     raw: dict[str, Any]
 
 
@@ -48,17 +52,13 @@ def build_recommender(cfg: Config, tokenizer_args: dict[str, Any]) -> Generative
     )
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def save_joint(
     path: Path,
     *,
     cfg: Config,
     model: GenerativeRecommender,
     tokenizer: RQVAE,
-    item_codes: Tensor,
+    item_codes: ItemCodes,
     epoch: int,
     phase: str,
     metrics: dict[str, Any],
@@ -66,17 +66,16 @@ def save_joint(
     schedulers: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
+    ckpt_format: str = CKPT_FORMAT,
 ) -> None:
-    """Write a joint checkpoint atomically (format in the module docstring)."""
-    if item_codes.dim() != 2 or item_codes.shape[1] != model.code_length:
-        raise ValueError(f"item_codes must be (N, {model.code_length}), got {tuple(item_codes.shape)}")
+    """Write a checkpoint atomically (format in the module docstring; ``ckpt_format`` names the run's kind)."""
     obj: dict[str, Any] = {
-        "format": CKPT_FORMAT,
+        "format": ckpt_format,
         "config": cfg.to_dict(),
-        "model": _cpu_state(model),
-        "tokenizer": _cpu_state(tokenizer),
+        "model": cpu_state(model),
+        "tokenizer": cpu_state(tokenizer),
         "tokenizer_args": tokenizer.model_args(),
-        "item_codes": item_codes.detach().cpu().long().clone(),
+        "item_codes": item_codes.stored(),
         "epoch": int(epoch),
         "phase": str(phase),
         "metrics": dict(metrics),
@@ -89,32 +88,45 @@ def save_joint(
 
 
 def read_joint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The raw checkpoint dict, checked for format (``weights_only=True``)."""
+    """The raw contents of a joint-training or GRPO checkpoint, checked for format (``weights_only=True``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"joint checkpoint {path} does not exist; it is made by {STEP_JOINT}.")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:  # damaged / foreign file
-        raise ArtifactError(f"{path} is not a readable joint checkpoint ({type(err).__name__}: {err}).") from None
-    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+    obj = load_checkpoint_file(path, "joint checkpoint", STEP_JOINT, map_location)
+    if not isinstance(obj, dict) or obj.get("format") not in (CKPT_FORMAT, GRPO_CKPT_FORMAT):
         raise ArtifactError(
             f"{path} is not an {CKPT_FORMAT} checkpoint (best.pt / last.pt of a run made by {STEP_JOINT})."
         )
     return obj
 
 
-def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> JointState:
+def read_joint_resume(path: Path) -> dict[str, Any]:
+    """The ``last.pt`` of an interrupted joint-training run, checked to hold everything resuming needs."""
+    obj = read_joint(path)
+    if obj["format"] == GRPO_CKPT_FORMAT or obj.get("phase") == "grpo":
+        raise ArtifactError(
+            f"{path} is a GRPO checkpoint; continue its run with `python train_grpo.py --resume={path}`. "
+            "main.py --resume continues joint-training runs (myckpt/<dataset>/<run>/last.pt)."
+        )
+    if not obj.get("trainer") or "rec" not in obj.get("optimizers", {}):
+        raise ArtifactError(
+            f"{path} holds no optimiser or trainer state (a best.pt?); resume from the run's last.pt "
+            "(myckpt/<dataset>/<run>/last.pt)."
+        )
+    return obj
+
+
+def load_joint(
+    path: Path | str, map_location: str | torch.device = "cpu", n_items: int | None = None
+) -> JointState:
     """Rebuild config, recommender, tokenizer and item codes from one checkpoint file (strict).
 
+    Args:
+        n_items: the catalogue size of the caller's data, if known; a checkpoint whose item codes cover another
+            catalogue is an ArtifactError.
     Returns:
         JointState with both models in eval mode on ``map_location``.
     """
     obj = read_joint(path, map_location)
-    try:
-        cfg = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err}).") from None
+    cfg = stored_config(Path(path), obj)
     tokenizer = RQVAE(**obj["tokenizer_args"])
     load_tokenizer_state(tokenizer, obj["tokenizer"], f"joint checkpoint {path}")
     model = build_recommender(cfg, obj["tokenizer_args"])
@@ -125,13 +137,13 @@ def load_joint(path: Path | str, map_location: str | torch.device = "cpu") -> Jo
             f"{path}: recommender weights do not fit the stored config ({err}); the file is damaged or was written "
             "by another version of the code."
         ) from None
-    codes = obj["item_codes"]
-    if codes.dim() != 2 or codes.shape[1] != model.code_length:
-        raise ArtifactError(f"{path}: item_codes has shape {tuple(codes.shape)}, expected (N, {model.code_length}).")
+    codes = ItemCodes.from_file(
+        obj["item_codes"], cfg.model.code_num, path, n_items=n_items, code_length=model.code_length
+    )
     return JointState(
         cfg=cfg,
         model=model.to(map_location).eval(),
         tokenizer=tokenizer.to(map_location).eval(),
-        item_codes=codes.long(),
+        item_codes=codes,
         raw=obj,
     )

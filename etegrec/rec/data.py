@@ -2,8 +2,8 @@
 
 A split is pre-tokenised once into int tensors (``SequenceDataset``). A batch is gathered with one indexing
 operation, padded only to the longest history *in the batch*, and mapped from item ids to code tokens by
-indexing the current item-code table (``CodeTable``), so a new table after a tokenizer epoch takes effect at
-the next batch without rebuilding anything. ``BucketBatchSampler`` shuffles, then sorts windows of batches by
+indexing the current item-code table (``ItemCodes.table``, updated in place), so a new table after a tokenizer
+epoch takes effect at the next batch without rebuilding anything. ``BucketBatchSampler`` shuffles, then sorts windows of batches by
 history length, so batches hold histories of similar length and padding stays small; it also deals batches
 to processes itself (every process runs the same number of steps, as DDP-style gradient averaging needs).
 
@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from etegrec.artifacts import SplitData
+from etegrec.artifacts import SplitData, load_item_vectors
+from etegrec.config import Config
+from etegrec.tokenizer.item_codes import ItemCodes
 
 
 class ItemBatch(NamedTuple):
@@ -44,30 +46,10 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device, non_blocking=True) for t in self))
 
 
-class CodeTable:
-    """The current item-code table with a padding row: ``table[0] = -1``, ``table[i] = codes of item i``.
-
-    The tensor lives in shared memory and is updated in place, so DataLoader workers see new codes too.
-    """
-
-    def __init__(self, codes: Tensor) -> None:
-        codes = torch.as_tensor(codes, dtype=torch.long)  # (N, C)
-        self.table = torch.cat([codes.new_full((1, codes.shape[1]), -1), codes]).share_memory_()  # (N+1, C)
-
-    @property
-    def codes(self) -> Tensor:
-        """(N, C) codes of items 1..N (a view)."""
-        return self.table[1:]
-
-    @property
-    def code_length(self) -> int:
-        return self.table.shape[1]
-
-    def update(self, codes: Tensor) -> None:
-        """Replace every item's codes (same shape)."""
-        if codes.shape != self.codes.shape:
-            raise ValueError(f"new code table has shape {tuple(codes.shape)}, expected {tuple(self.codes.shape)}")
-        self.table[1:].copy_(codes)
+def item_vectors_by_id(cfg: Config, n_items: int) -> Tensor:
+    """The tokenizer's input vectors indexed by item id: (N+1, d_s), row i = item i, row 0 (padding) zeros."""
+    vectors = torch.from_numpy(load_item_vectors(cfg, n_items))  # (N, d_s)
+    return torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors])
 
 
 class SequenceDataset(Dataset):
@@ -113,11 +95,11 @@ class SequenceDataset(Dataset):
 class CodeCollator:
     """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops)."""
 
-    def __init__(self, codes: CodeTable) -> None:
-        self.codes = codes
+    def __init__(self, codes: ItemCodes) -> None:
+        self.table = codes.table  # (N+1, C), updated in place; only the tensor travels to DataLoader workers
 
     def __call__(self, items: ItemBatch) -> Batch:
-        table = self.codes.table
+        table = self.table
         history_codes = table[items.history]  # (B, T, C); padding item 0 -> -1s
         return Batch(
             history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*C)
@@ -211,7 +193,7 @@ class BucketBatchSampler:
 
 def train_loader(
     dataset: SequenceDataset,
-    codes: CodeTable,
+    codes: ItemCodes,
     batch_size: int,
     *,
     seed: int,
@@ -237,7 +219,7 @@ def train_loader(
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
 
 
-def eval_loader(dataset: SequenceDataset, codes: CodeTable, batch_size: int, *, num_workers: int = 0) -> DataLoader:
+def eval_loader(dataset: SequenceDataset, codes: ItemCodes, batch_size: int, *, num_workers: int = 0) -> DataLoader:
     """Unsharded loader over all records in length order (ready for ``accelerator.prepare``).
 
     Records are visited sorted by history length so each batch pads little; metrics are averages over users,

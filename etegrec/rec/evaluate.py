@@ -1,4 +1,4 @@
-"""Full-ranking evaluation of the generative recommender with constrained beam search (spec §7).
+"""Full-ranking evaluation of the generative recommender with constrained beam search.
 
 Every user's top candidates come from ``generation.beam_search`` (distinct real items); the rank of the target
 among them is computed per process, gathered with ``accelerator.gather_for_metrics`` (which drops the samples
@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from etegrec.rec.generation import ItemTrie, beam_search
+from etegrec.rec.generation import beam_search
 from etegrec.rec.metrics import max_cutoff, metrics_from_ranks, target_ranks
+from etegrec.tokenizer.item_codes import ItemTrie
 
 
 def evaluate(
@@ -37,7 +38,7 @@ def evaluate(
     Args:
         model: the recommender, possibly wrapped by ``accelerator.prepare`` (it is unwrapped; decoding runs in
             eval mode and the previous mode is restored).
-        trie: ``ItemTrie`` of the item-code table the loader's codes come from, on ``accelerator.device``.
+        trie: the trie of the item codes the loader's codes come from (``ItemCodes.trie(accelerator.device)``).
         loader: yields ``etegrec.rec.data.Batch`` (``history_codes`` (B, S) with -1 padding, ``target`` (B,)
             item ids). An unprepared loader is sharded here (``accelerate.data_loader.prepare_data_loader``); an
             already prepared one is used as is.

@@ -1,4 +1,4 @@
-"""Decoding for the generative recommender: item trie, constrained beam search, sampling, sequence log-probs.
+"""Decoding for the generative recommender: constrained beam search, sampling, teacher-forced scoring.
 
 Scores (one definition per use, stated once here):
 * **Ranking score** (``beam_search``, and ``sequence_log_probs(trie=None)``): the model's own joint
@@ -9,9 +9,10 @@ Scores (one definition per use, stated once here):
 * **Sampling distribution** (``sample``, and ``sequence_log_probs(trie=...)``): the constrained, renormalised
   distribution ``sum_l log_softmax(mask_l(logits_l / T))[c_l]`` where ``mask_l`` keeps the trie children of
   the sampled prefix. It is a proper distribution over the catalogue (every sample is a real item), which is
-  what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients.
+  what GRPO rollouts need; ``sequence_log_probs`` recomputes it teacher-forced, with gradients, from the
+  logits of ``SequenceScorer`` (the one teacher-forced scorer, also GRPO's).
 
-Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
+Speed (no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
 * Users are sorted by history length and encoded in a few length chunks (``_length_chunks``: fewest padded
   tokens plus a per-chunk cost), each trimmed to its own longest history; the encoder runs once per user.
 * The decoder is an incremental T5 pass over the model's own weights (``_IncrementalDecoder``, equal to
@@ -21,11 +22,10 @@ Speed (spec §12; no Python loop over users or beams, integer tensors, ``torch.i
   are reordered; the first step runs one row per user (only one live beam). It has no dropout, so decoding
   always runs with the model in eval mode (its mode is restored afterwards).
 
-Deviations from the reference: constrained decoding (the reference is unconstrained, spec §7), so every
-returned candidate is a distinct real item; all-padding history columns at either end are cut before encoding
-(T5 positions are relative, so real tokens see the same thing), so results do not depend on how a batch was
-padded or composed. ``HFConstrainedGenerator`` is the transformers ``generate`` path kept for the speed and
-agreement benchmark only.
+Deviations from the reference: constrained decoding (the reference is unconstrained, so invalid code tuples
+occupy ranks), so every returned candidate is a distinct real item; all-padding history columns at either end
+are cut before encoding (T5 positions are relative, so real tokens see the same thing), so results do not depend
+on how a batch was padded or composed.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationConfig, T5ForConditionalGeneration
 
 from etegrec.rec.model import EncoderOut, GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemTrie
 
 
 class BeamOutput(NamedTuple):
@@ -58,108 +58,6 @@ class SampleOutput(NamedTuple):
     items: Tensor  # (B, G) long item ids 1..N
     codes: Tensor  # (B, G, C) long
     log_probs: Tensor  # (B, G) float, log-prob under the constrained, renormalised, tempered distribution
-
-
-# ----------------------------------------------------------------------------------------------- item trie
-class ItemTrie:
-    """Prefix trie over the item-code table as dense per-level child tables.
-
-    ``children[l]`` is an int32 table (P_l, K): row p is the prefix with id p at level l (P_0 = 1, the empty
-    prefix); entry k is the id of the prefix extended by token k at level l+1, or, at the last level, the item id
-    (1..N); -1 = not a valid continuation. Prefix ids are assigned in sorted order of (parent id, token), so
-    the trie is deterministic. Memory: sum_l P_l * K * 4 bytes (about 51 MB for N = 25k, K = 256, C = 4).
-
-    Args:
-        item_codes: (N, C) long, row j = codes of item id j+1; tuples must be unique (use ``add_suffix``).
-        code_num: K, tokens per level.
-    """
-
-    def __init__(self, *, item_codes: Tensor, code_num: int) -> None:
-        if item_codes.dim() != 2 or item_codes.shape[0] == 0 or item_codes.shape[1] == 0:
-            raise ValueError(f"item_codes must be a non-empty (N, C) table, got shape {tuple(item_codes.shape)}")
-        codes = item_codes.long()
-        if int(codes.min()) < 0 or int(codes.max()) >= code_num:
-            raise ValueError(
-                f"item codes must lie in [0, code_num={code_num}); got range [{int(codes.min())}, "
-                f"{int(codes.max())}]. Check code_num against the tokenizer's num_emb_list"
-            )
-        n, c = codes.shape
-        children: list[Tensor] = []
-        state = torch.zeros(n, dtype=torch.long, device=codes.device)  # (N,) prefix id at the current level
-        n_prefixes = 1
-        for level in range(c):
-            key = state * code_num + codes[:, level]  # (N,) flat (parent, token) index
-            table = torch.full((n_prefixes * code_num,), -1, dtype=torch.int32, device=codes.device)
-            if level < c - 1:
-                uniq, state = torch.unique(key, return_inverse=True)  # sorted -> deterministic prefix ids
-                table[uniq] = torch.arange(uniq.numel(), dtype=torch.int32, device=codes.device)
-                next_prefixes = uniq.numel()
-            else:
-                uniq, counts = torch.unique(key, return_counts=True)
-                if int(counts.max()) > 1:
-                    dup = codes[key == uniq[counts.argmax()]]
-                    raise ValueError(
-                        f"{dup.shape[0]} items share the code tuple {dup[0].tolist()}; item IDs must be unique. "
-                        "Append the collision suffix (etegrec.tokenizer.item_codes.add_suffix)"
-                    )
-                table[key] = torch.arange(1, n + 1, dtype=torch.int32, device=codes.device)
-                next_prefixes = 0
-            children.append(table.view(n_prefixes, code_num))
-            n_prefixes = next_prefixes
-        self.children = children
-        self.item_codes = codes  # (N, C)
-        self.code_num = code_num
-
-    @property
-    def code_length(self) -> int:
-        return self.item_codes.shape[1]
-
-    @property
-    def n_items(self) -> int:
-        return self.item_codes.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.item_codes.device
-
-    def to(self, device: torch.device | str) -> ItemTrie:
-        """A copy of the trie on ``device`` (tables are moved, not rebuilt)."""
-        moved = ItemTrie.__new__(ItemTrie)
-        moved.children = [t.to(device) for t in self.children]
-        moved.item_codes = self.item_codes.to(device)
-        moved.code_num = self.code_num
-        return moved
-
-    def next_states(self, level: int, states: Tensor) -> Tensor:
-        """Child table rows for prefix ids at ``level``: (...,) -> (..., K) int32 (-1 = invalid token).
-
-        Negative (dead) states are read as the root row; callers keep their scores at -inf.
-        """
-        return self.children[level][states.clamp(min=0)]
-
-    def prefix_states(self, codes: Tensor) -> Tensor:
-        """Prefix id of ``codes[..., :l]`` for every level l: (..., C) -> (..., C) long, -1 once off the trie."""
-        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        states = []
-        for level in range(self.code_length):
-            states.append(state)
-            if level < self.code_length - 1:
-                state = self._advance(level, state, codes[..., level])
-        return torch.stack(states, dim=-1)
-
-    def lookup(self, codes: Tensor) -> Tensor:
-        """Item id of every code tuple: (..., C) -> (...) long, 0 where the tuple is not an item."""
-        if codes.shape[-1] != self.code_length:
-            raise ValueError(f"codes must end in C={self.code_length}, got shape {tuple(codes.shape)}")
-        state = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for level in range(self.code_length):
-            state = self._advance(level, state, codes[..., level])
-        return state.clamp(min=0)
-
-    def _advance(self, level: int, state: Tensor, token: Tensor) -> Tensor:
-        ok = (state >= 0) & (token >= 0) & (token < self.code_num)
-        nxt = self.children[level][state.clamp(min=0), token.clamp(0, self.code_num - 1)].long()
-        return torch.where(ok, nxt, torch.full_like(nxt, -1))
 
 
 def trim_history(history_codes: Tensor) -> Tensor:
@@ -310,15 +208,16 @@ class _IncrementalDecoder:
         return self.final_norm(h)
 
 
-def _check_compatible(model: GenerativeRecommender, trie: ItemTrie) -> None:
+def check_compatible(model: GenerativeRecommender, trie: ItemTrie) -> None:
+    """The trie must be of the model's item codes (same C and K) and on the model's device."""
     if trie.code_length != model.code_length or trie.code_num != model.code_num:
         raise ValueError(
             f"trie (C={trie.code_length}, K={trie.code_num}) does not match the model (C={model.code_length}, "
-            f"K={model.code_num}); build the ItemTrie from this model's item-code table"
+            f"K={model.code_num}); use the trie of this model's item codes (ItemCodes.trie)"
         )
     if trie.device != model.token_embeddings[0].weight.device:
         raise ValueError(f"trie is on {trie.device} but the model on {model.token_embeddings[0].weight.device}; "
-                         "use trie.to(device)")
+                         "use ItemCodes.trie(device)")
 
 
 def _bos(model: GenerativeRecommender, rows: int) -> Tensor:
@@ -348,7 +247,7 @@ def beam_search(
     """
     if not 1 <= top_k <= num_beams:
         raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
-    _check_compatible(model, trie)
+    check_compatible(model, trie)
     with _eval_mode(model):
         return _outside_inference_mode(_beam_search(model, trie, history_codes, num_beams, top_k))
 
@@ -414,7 +313,7 @@ def sample(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_compatible(model, trie)
+    check_compatible(model, trie)
     with _eval_mode(model):
         return _outside_inference_mode(_sample(model, trie, history_codes, num_samples, temperature, generator))
 
@@ -456,6 +355,38 @@ def _sample(
     )
 
 
+class SequenceScorer(nn.Module):
+    """Teacher-forced next-token logits of given code tuples, G per history, the encoder run once per history.
+
+    A module rather than a function so that GRPO can wrap it in DDP: its forward then runs through the wrapper
+    and gradients are all-reduced across processes.
+
+    Args:
+        model: the recommender (its parameters are this module's parameters).
+    """
+
+    def __init__(self, *, model: GenerativeRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_codes: Tensor, codes: Tensor) -> Tensor:
+        """Logits at every level, temperature 1, in the model's current mode.
+
+        Args:
+            history_codes: (B, S) long, -1 = padding.
+            codes: (B, G, C) long.
+        Returns:
+            (B*G, C, K) float, rows user-major.
+        """
+        batch, group, length = codes.shape
+        enc = self.model.encode(trim_history(history_codes))  # hidden (B, S', d)
+        enc = EncoderOut(hidden=enc.hidden.repeat_interleave(group, 0), mask=enc.mask.repeat_interleave(group, 0))
+        flat = codes.reshape(batch * group, length)  # (B*G, C)
+        hidden = self.model.decode(enc, flat[:, :-1]).hidden  # (B*G, C, d)
+        tables = torch.stack([emb.weight for emb in self.model.token_embeddings])  # (C, K, d)
+        return torch.einsum("ncd,ckd->nck", hidden, tables).float()  # (B*G, C, K)
+
+
 def sequence_log_probs(
     model: GenerativeRecommender,
     trie: ItemTrie | None,
@@ -482,131 +413,11 @@ def sequence_log_probs(
     if length != model.code_length:
         raise ValueError(f"codes must have C={model.code_length} tokens per item, got shape {tuple(codes.shape)}")
     flat = grouped.reshape(batch * group, length)  # (B*G, C)
-    enc = model.encode(history_codes)
-    if group > 1:
-        enc = EncoderOut(hidden=enc.hidden.repeat_interleave(group, 0), mask=enc.mask.repeat_interleave(group, 0))
-    hidden = model.decode(enc, flat[:, :-1]).hidden  # (B*G, C, d)
-    logits = torch.stack([model.level_logits(hidden[:, l], l) for l in range(length)], dim=1).float()
-    logits = logits / temperature  # (B*G, C, K)
+    logits = SequenceScorer(model=model)(history_codes, grouped) / temperature  # (B*G, C, K)
     if trie is not None:
-        _check_compatible(model, trie)
+        check_compatible(model, trie)
         if bool((trie.lookup(flat) == 0).any()):
             raise ValueError("codes contain tuples that are not items of the trie; constrained log-probs need items")
-        states = trie.prefix_states(flat)  # (B*G, C)
-        allowed = torch.stack([trie.next_states(l, states[:, l]) >= 0 for l in range(length)], dim=1)  # (B*G,C,K)
-        logits = logits.masked_fill(~allowed, -math.inf)
+        logits = logits.masked_fill(~trie.allowed_tokens(flat), -math.inf)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B*G,)
     return logp.view(batch) if squeeze else logp.view(batch, group)
-
-
-# ------------------------------------------------------------------------------------ transformers path
-class _LevelT5(T5ForConditionalGeneration):
-    """T5 over a flat vocabulary (0 = BOS, 1 + l*K + k = level-l code k) whose logits at decoder position p keep
-    only the level-p block (others -inf), so the log-softmax that ``generate`` applies equals the model's per-level
-    log-softmax over K tokens."""
-
-    def forward(self, *args, **kwargs):
-        """``T5ForConditionalGeneration.forward`` plus the level mask of each output position."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
-        out = super().forward(*args, **kwargs)
-        positions = torch.arange(past, past + out.logits.shape[1], device=out.logits.device)
-        out.logits = out.logits + self.level_bias[positions.clamp(max=self.level_bias.shape[0] - 1)]
-        return out
-
-
-class HFConstrainedGenerator:
-    """The decoding path of other implementations, for the speed / agreement benchmark only (spec §7, issue 7).
-
-    transformers' ``generate`` (beam search, KV cache, encoder run once and expanded to beams by HF) with
-    ``prefix_allowed_tokens_fn`` looking allowed tokens up in a Python dict trie, on a copy of the model's
-    T5 whose vocabulary is the flat concatenation ``[BOS, level-0 table, ..., level-(C-1) table]`` (the model's
-    own weights, also as the tied output layer). Scores are the ranking score of ``beam_search``
-    (``length_penalty=0`` -> plain sums), so both paths should agree up to float ties.
-
-    Args:
-        model: the recommender whose weights are copied (build a new generator after they change).
-        trie: the item trie (items and allowed prefixes).
-    """
-
-    def __init__(self, *, model: GenerativeRecommender, trie: ItemTrie) -> None:
-        _check_compatible(model, trie)
-        k_num, length = trie.code_num, trie.code_length
-        vocab = 1 + length * k_num
-        config = model.t5.config.__class__.from_dict(model.t5.config.to_dict())
-        config.vocab_size = vocab
-        config.scale_decoder_outputs = False  # the model's level_logits are plain dot products
-        config.use_cache = True
-        flat = _LevelT5(config)
-        with torch.no_grad():
-            table = torch.cat([model.t5.shared.weight[:1]] + [emb.weight for emb in model.token_embeddings])  # (V, d)
-            state = {k: v for k, v in model.t5.state_dict().items() if "embed_tokens" not in k and k != "shared.weight"
-                     and k != "lm_head.weight"}
-            missing, unexpected = flat.load_state_dict(state, strict=False)
-            if unexpected or set(missing) - {"shared.weight", "lm_head.weight", "encoder.embed_tokens.weight",
-                                             "decoder.embed_tokens.weight"}:
-                raise ValueError(f"T5 copy mismatch: missing={missing} unexpected={unexpected}")
-            flat.shared.weight.copy_(table)
-            flat.lm_head.weight = flat.shared.weight
-            flat.encoder.embed_tokens = flat.shared
-            flat.decoder.embed_tokens = flat.shared
-        level_bias = torch.full((length, vocab), -math.inf)
-        for level in range(length):
-            level_bias[level, 1 + level * k_num : 1 + (level + 1) * k_num] = 0.0
-        flat.register_buffer("level_bias", level_bias, persistent=False)
-        self.model = flat.to(model.t5.shared.weight.device).eval()
-        self.trie = trie
-        self.k_num, self.length = k_num, length
-        self.offsets = 1 + torch.arange(length, device=trie.device) * k_num  # (C,) flat id of code 0 per level
-        allowed: dict[tuple[int, ...], set[int]] = {}
-        for row in (trie.item_codes + self.offsets).tolist():  # (N, C) flat ids
-            for level in range(length):
-                allowed.setdefault((0, *row[:level]), set()).add(row[level])
-        self.allowed = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}  # decoder ids -> next ids
-
-    def _prefix_allowed_tokens(self, batch_id: int, sent: Tensor) -> list[int]:
-        key = tuple(sent.tolist())
-        if key in self.allowed:
-            return self.allowed[key]
-        level = len(key) - 1  # a dead beam (catalogue narrower than the beam): any token of its level
-        return list(range(1 + level * self.k_num, 1 + (level + 1) * self.k_num))
-
-    @torch.inference_mode()
-    def __call__(self, history_codes: Tensor, num_beams: int = 20, top_k: int = 10) -> BeamOutput:
-        """Top-``top_k`` items per user via ``generate``: (B, S) history codes -> BeamOutput."""
-        if not 1 <= top_k <= num_beams:
-            raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
-        history_codes = trim_history(history_codes)
-        levels = torch.arange(history_codes.shape[1], device=history_codes.device) % self.length
-        input_ids = torch.where(history_codes >= 0, history_codes + self.offsets[levels], 0)  # (B, S) flat ids
-        beam = {"length_penalty": 0.0, "early_stopping": False} if num_beams > 1 else {"output_logits": True}
-        generation = GenerationConfig(
-            num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=self.length, do_sample=False,
-            eos_token_id=None, pad_token_id=0, decoder_start_token_id=0, bos_token_id=None,
-            return_dict_in_generate=True, output_scores=True, use_cache=True, **beam,
-        )
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=history_codes >= 0, generation_config=generation,
-            prefix_allowed_tokens_fn=self._prefix_allowed_tokens,
-        )
-        batch = history_codes.shape[0]
-        tokens = out.sequences[:, 1 : 1 + self.length]  # (B*k, C) flat ids
-        codes = (tokens - self.offsets).view(batch, top_k, self.length)
-        items = self.trie.lookup(codes)  # (B, k), 0 for a dead beam's tuple
-        if num_beams > 1:
-            scores = out.sequences_scores.view(batch, top_k).float()
-        else:  # greedy search keeps no sequence score: sum the level log-softmax of the chosen tokens
-            logp = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)  # (B, C, V)
-            scores = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1).view(batch, top_k)
-        alive = (items > 0) & (scores > -1e8)
-        return BeamOutput(
-            items=torch.where(alive, items, 0), codes=codes.masked_fill(~alive.unsqueeze(-1), -1),
-            scores=scores.masked_fill(~alive, -math.inf),
-        )
-
-
-def generate_with_hf(
-    model: GenerativeRecommender, trie: ItemTrie, history_codes: Tensor, num_beams: int = 20, top_k: int = 10
-) -> BeamOutput:
-    """One-shot ``HFConstrainedGenerator`` call (benchmark / agreement checks; build the generator once to time it)."""
-    return HFConstrainedGenerator(model=model, trie=trie)(history_codes, num_beams=num_beams, top_k=top_k)

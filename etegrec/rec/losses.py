@@ -1,4 +1,4 @@
-"""Loss terms of joint training as pure functions of tensors and floats (paper §3.3, spec §5.4-5.7).
+"""Loss terms of joint training as pure functions of tensors and floats (paper §3.3).
 
 * ``rec_loss``: L_REC, cross-entropy of the target code tokens.
 * ``sq_loss``: L_SQ, the tokenizer's reconstruction + ``alpha`` x residual-quantisation loss.
@@ -9,7 +9,8 @@
 
 Deviations from the reference code:
 * SIA uses the paper's distributions ``softmax(-distance)`` (Eq. 6); the reference applies softmax to
-  ``+distance`` (spec §11.1-1). The caller passes ``code_log_probs(distances)`` from the tokenizer.
+  ``+distance``, which puts most mass on the farthest codes. The caller passes ``code_log_probs(distances)``
+  from the tokenizer.
 * SIA is averaged over distinct items and levels as in the reference, i.e. the paper's Eq. 15 (sum over levels)
   divided by the number of levels, so the configured weights keep the reference's meaning.
 * PSA's temperature is a parameter (config ``psa_tau``, default 0.07 = the reference's hard-coded value).
@@ -34,7 +35,7 @@ def rec_loss(logits: Tensor, target_codes: Tensor) -> Tensor:
 
 
 def sq_loss(loss_recon: Tensor, loss_rq: Tensor, alpha: float) -> Tensor:
-    """L_SQ = reconstruction MSE + alpha * (codebook + beta * commitment) loss (spec §5.7)."""
+    """L_SQ = reconstruction MSE + alpha * (codebook + beta * commitment) loss."""
     return loss_recon + alpha * loss_rq
 
 

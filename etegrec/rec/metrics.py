@@ -1,4 +1,4 @@
-"""Top-k ranking metrics for leave-one-out evaluation with one relevant item per user (spec §7).
+"""Top-k ranking metrics for leave-one-out evaluation with one relevant item per user.
 
 ``recall@k`` = 1 if the target is among the first k candidates (= HR@k); ``ndcg@k`` = 1 / log2(rank + 1) if
 rank <= k, else 0 (the ideal DCG of a single relevant item is 1). Both are averaged over users. Unlike the

@@ -1,4 +1,4 @@
-"""The generative recommender: a T5 encoder-decoder over item-code tokens (paper §3.2, spec §5.1-5.4).
+"""The generative recommender: a T5 encoder-decoder over item-code tokens (paper §3.2).
 
 The encoder reads the history as code tokens (item ``i`` contributes ``code_length`` tokens, the ``l``-th one
 from the level-``l`` table), the decoder emits the target item's code tuple one level at a time after a BOS
@@ -53,7 +53,8 @@ class RecOutput(NamedTuple):
 
 
 def t5_config(cfg: ModelConfig) -> T5Config:
-    """The T5Config of the recommender (spec §5.1): a one-row vocabulary whose row 0 is the BOS embedding."""
+    """The T5Config of the recommender: a one-row vocabulary whose row 0 is the BOS embedding (code tokens are
+    embedded by the level tables, so T5 needs no vocabulary of its own)."""
     config = T5Config(
         vocab_size=1,
         d_model=cfg.d_model,

@@ -1,4 +1,4 @@
-"""The alternating-optimisation schedule (paper §3.4, spec §6) as one pure function, plus LR schedules.
+"""The alternating-optimisation schedule (paper §3.4) as one pure function, plus LR schedules.
 
 ``plan_epoch`` maps (epoch, cycle, warm_epoch, ablation, converged) to what an epoch does: its phase, which
 model trains, the weight of every loss term by name, and whether item codes are recomputed afterwards.

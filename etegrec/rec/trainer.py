@@ -1,4 +1,4 @@
-"""Step 4: joint training of the RQ-VAE tokenizer and the T5 recommender (paper §3.4, spec §6).
+"""Step 4: joint training of the RQ-VAE tokenizer and the T5 recommender (paper §3.4).
 
 ``run(cfg, accelerator)`` trains in two stages and returns the metrics:
 
@@ -19,7 +19,7 @@ epoch's batches; gradients are averaged over processes with one all-reduce per o
 are not used because which model trains changes every epoch (DDP fixes its parameter set at wrap time). The
 loss parts are averaged over processes every step, so a non-finite loss stops all processes at the same step.
 
-Deviations from the reference code (spec §6, §11, §12):
+Deviations from the reference code:
 * Frozen models are run under ``no_grad`` in eval mode; terms with weight 0 are not computed; the tokenizer runs
   once per step on the batch's distinct targets (the reference ran it twice in tokenizer epochs).
 * Learning-rate schedules are sized by the optimizer steps each optimizer really takes; gradient accumulation
@@ -47,27 +47,23 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from etegrec.artifacts import DatasetFiles, load_item_map, load_item_vectors, load_splits
-from etegrec.config import Config, config_from_dict
-from etegrec.errors import ArtifactError, ConfigError, TrainingError
-from etegrec.rec.checkpoint import build_recommender, read_joint, save_joint
-from etegrec.rec.data import Batch, CodeTable, SequenceDataset, eval_loader, train_loader
+from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
+from etegrec.config import Config
+from etegrec.errors import TrainingError
+from etegrec.rec.checkpoint import build_recommender, read_joint, read_joint_resume, save_joint
+from etegrec.rec.data import Batch, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.generation import ItemTrie
 from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
 from etegrec.runtime import (
-    TensorBoard,
-    new_run_dir,
     peak_memory_mb,
+    resumed_config,
+    seed_epoch,
     set_seed,
-    setup_logging,
-    sync_device,
-    timestamp,
-    write_run_info,
+    start_training_run,
 )
-from etegrec.tokenizer.item_codes import build_item_codes
+from etegrec.tokenizer.item_codes import ItemCodes, build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
 from etegrec.tokenizer.quantizer import code_log_probs
 from etegrec.tokenizer.rqvae import RQVAE, load_rqvae, load_tokenizer_state
@@ -89,18 +85,15 @@ class TrainerState:
     patience: int = 0  # evaluations without improvement in the current stage
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 100_003 + epoch * 1_009 + rank) % (2**31)
-
-
 class JointTrainer:
     """Holds models, data, optimizers and progress of one joint-training run; ``fit()`` runs it."""
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
         cfg.validate()  # also catches values set after loading (fail before loading anything)
-        resume = read_joint(cfg.path(cfg.train.resume)) if cfg.train.resume else None
+        resume_path = cfg.path(cfg.train.resume) if cfg.train.resume else None
+        resume = read_joint_resume(resume_path) if resume_path is not None else None
         if resume is not None:
-            cfg = resumed_config(cfg.path(cfg.train.resume), resume, cfg.to_dict())
+            cfg = resumed_config(resume_path, resume, cfg.to_dict())
         self.cfg = cfg
         tc = cfg.train
         self.acc = accelerator
@@ -109,17 +102,7 @@ class JointTrainer:
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
 
-        # ---- run folder, logs, TensorBoard (one name for all processes: the main process's clock)
-        if resume is not None:
-            self.run_dir = cfg.path(cfg.train.resume).parent
-        else:
-            self.run_dir = new_run_dir(cfg.path(tc.ckpt_dir) / cfg.data.dataset, timestamp(), accelerator)
-        name = self.run_dir.name
-        log_root = cfg.path(tc.log_dir) / cfg.data.dataset
-        setup_logging(log_root / f"{name}.log", is_main=self.is_main)
-        self.tb = TensorBoard(log_root / "tb" / name, enabled=tc.tensorboard and self.is_main)
-        if self.is_main:
-            write_run_info(self.run_dir, cfg)
+        self.run_dir, self.tb = start_training_run(cfg, accelerator, resume_path)
         logger.info(
             "joint training on %s, %d process(es) on %s, run folder %s",
             cfg.data.dataset,
@@ -128,39 +111,13 @@ class JointTrainer:
             self.run_dir,
         )
 
-        # ---- data
+        # ---- data, tokenizer and the item codes it assigns
         files = DatasetFiles.from_config(cfg)
         item_map = load_item_map(files)
         self.n_items = len(item_map) - 1
         splits = load_splits(files, item_map, cfg.data.max_his_len)
-        vectors = torch.from_numpy(load_item_vectors(cfg, self.n_items))  # (N, d_s)
-        self.vectors = torch.cat([vectors.new_zeros(1, vectors.shape[1]), vectors]).to(self.device)  # (N+1, d_s)
-
-        # ---- tokenizer and the item-code table it defines
-        if resume is not None:
-            self.tokenizer = RQVAE(**resume["tokenizer_args"])
-            load_tokenizer_state(self.tokenizer, resume["tokenizer"], f"resume checkpoint {tc.resume}")
-            codes = resume["item_codes"]
-        else:
-            path = resolve_rqvae_path(cfg)
-            t = cfg.tokenizer
-            self.tokenizer, obj = load_rqvae(
-                path,
-                expected_args={
-                    "in_dim": int(vectors.shape[1]),
-                    "layers": t.layers,
-                    "e_dim": t.e_dim,
-                    "num_emb_list": t.num_emb_list,
-                },
-            )
-            codes = obj["item_codes"]
-            stats = obj.get("metrics", {})
-            logger.info(
-                "tokenizer: %s (collision rate %s, gini %s)", path, stats.get("collision_rate"), stats.get("gini")
-            )
-        self._check_codes(codes)
-        self.tokenizer.to(self.device)
-        self.codes = CodeTable(codes)
+        self.vectors = item_vectors_by_id(cfg, self.n_items).to(self.device)  # (N+1, d_s)
+        self._load_tokenizer(resume)
 
         # ---- recommender (same seed on every process -> identical initial weights)
         set_seed(tc.seed)
@@ -187,7 +144,43 @@ class JointTrainer:
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
-        # ---- optimizers and schedules, sized by the steps each optimizer takes
+        self._build_optimizers()
+        self.state = TrainerState()
+        if resume is not None:
+            self._restore(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _load_tokenizer(self, resume: dict[str, Any] | None) -> None:
+        """The tokenizer and its item codes: the resumed run's, else those of the pretrained RQ-VAE."""
+        cfg, m = self.cfg, self.cfg.model
+        if resume is not None:
+            source = f"resume checkpoint {cfg.train.resume}"
+            self.tokenizer = RQVAE(**resume["tokenizer_args"])
+            load_tokenizer_state(self.tokenizer, resume["tokenizer"], source)
+            codes = resume["item_codes"]
+        else:
+            path = resolve_rqvae_path(cfg)
+            t = cfg.tokenizer
+            self.tokenizer, obj = load_rqvae(
+                path,
+                expected_args={
+                    "in_dim": int(self.vectors.shape[1]),
+                    "layers": t.layers,
+                    "e_dim": t.e_dim,
+                    "num_emb_list": t.num_emb_list,
+                },
+            )
+            source, codes = f"RQ-VAE checkpoint {path}", obj.get("item_codes")
+            stats = obj.get("metrics", {})
+            logger.info(
+                "tokenizer: %s (collision rate %s, gini %s)", path, stats.get("collision_rate"), stats.get("gini")
+            )
+        self.tokenizer.to(self.device)
+        self.codes = ItemCodes.from_file(codes, m.code_num, source, n_items=self.n_items, code_length=m.code_length)
+
+    def _build_optimizers(self) -> None:
+        """AdamW per model, schedules sized by the optimizer steps each really takes, and the loss weights."""
+        tc = self.cfg.train
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.gradient_accumulation_steps)
         tok_epochs, rec_epochs = training_epochs(
             tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
@@ -209,11 +202,7 @@ class JointTrainer:
                 tc.warm_epoch,
                 tc.epochs,
             )
-        self.state = TrainerState()
-        if resume is not None:
-            self._restore(resume)
 
-    # ------------------------------------------------------------------ set-up helpers
     def _scheduler(self, opt: torch.optim.Optimizer, warmup: int, total: int, name: str) -> Any:
         if total > 0 and warmup >= total:
             logger.warning(
@@ -225,26 +214,6 @@ class JointTrainer:
                 max(1, total // 10),
             )
         return build_scheduler(opt, kind=self.cfg.train.lr_scheduler_type, warmup_steps=warmup, total_steps=total)
-
-    def _check_codes(self, codes: Tensor) -> None:
-        m = self.cfg.model
-        if codes.dim() != 2 or codes.shape[0] != self.n_items:
-            raise ArtifactError(
-                f"the tokenizer's item-code table has shape {tuple(codes.shape)} but the item map has {self.n_items} "
-                "items: the RQ-VAE checkpoint was made for another dataset or data preparation. Re-run step 3 "
-                "(`cd RQVAE && bash run_dual.sh`) or point rqvae_path at this dataset's checkpoint"
-            )
-        if codes.shape[1] != m.code_length:
-            raise ArtifactError(
-                f"the tokenizer's item IDs have {codes.shape[1]} tokens but code_length={m.code_length}; set "
-                f"code_length={codes.shape[1]} (levels + 1 suffix) or use a checkpoint with "
-                f"{m.code_length - 1} levels"
-            )
-        if int(codes.min()) < 0 or int(codes.max()) >= m.code_num:
-            raise ArtifactError(
-                f"item codes span [{int(codes.min())}, {int(codes.max())}] but code_num={m.code_num}; set code_num to "
-                "the checkpoint's codebook size (its num_emb_list entries)"
-            )
 
     def _restore(self, obj: dict[str, Any]) -> None:
         self.model.load_state_dict(obj["model"], strict=True)
@@ -285,7 +254,7 @@ class JointTrainer:
                 cfg=self.cfg,
                 model=self.model,
                 tokenizer=self.tokenizer,
-                item_codes=self.codes.codes,
+                item_codes=self.codes,
                 epoch=self.state.epochs_done,
                 phase=plan_phase,
                 metrics=metrics,
@@ -355,16 +324,15 @@ class JointTrainer:
             )
         return values
 
-    def _set_modes(self, plan: EpochPlan) -> None:
-        """Train mode and gradients for the model(s) this phase trains; eval mode, no gradients for the other."""
+    def start_phase(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
+        """Train mode and gradients for the model(s) ``plan`` trains, eval mode and none for the other; returns
+        the (name, optimizer, schedule, module) groups its steps update."""
         self.model.train(plan.train_recommender)
         self.tokenizer.train(plan.train_tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(plan.train_recommender)
         for p in self.tokenizer.parameters():
             p.requires_grad_(plan.train_tokenizer)
-
-    def _optimizers(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
         if plan.phase == "finetune":
             return [("finetune", self.ft_opt, self.ft_sched, self.model)]
         groups = []
@@ -374,7 +342,19 @@ class JointTrainer:
             groups.append(("rec", self.rec_opt, self.rec_sched, self.model))
         return groups
 
-    def _step(self, groups: list) -> None:
+    def accumulate(self, batch: Batch, plan: EpochPlan, step: int, scale: int = 1) -> dict[str, float]:
+        """Backward of one batch's weighted loss divided by ``scale`` (the batches that share an optimizer step).
+
+        Returns the unweighted loss parts averaged over processes; a non-finite one raises on every process at
+        the same ``step`` (of the epoch).
+        """
+        parts = self._losses(batch, plan)
+        values = self._check_finite(parts, plan, step)
+        total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
+        (total / scale).backward()
+        return {k: float(v) for k, v in zip(parts, values)}
+
+    def optimizer_step(self, groups: list) -> None:
         """Average gradients over processes, clip, step optimizers and schedules, clear gradients."""
         for _, opt, sched, module in groups:
             params = [p for p in module.parameters() if p.grad is not None]
@@ -394,10 +374,9 @@ class JointTrainer:
     def _train_epoch(self, plan: EpochPlan) -> dict[str, float]:
         tc = self.cfg.train
         s = self.state
-        set_seed(_epoch_seed(tc.seed, s.epochs_done, self.rank))
+        seed_epoch(tc.seed, s.epochs_done, self.rank)
         self.train_loader.batch_sampler.set_epoch(s.epochs_done)
-        self._set_modes(plan)
-        groups = self._optimizers(plan)
+        groups = self.start_phase(plan)
         n_batches = len(self.train_loader)
         accum = tc.gradient_accumulation_steps
         sums: dict[str, float] = {}
@@ -412,21 +391,18 @@ class JointTrainer:
         )
         for i, batch in enumerate(self.train_loader):
             batch = batch.to(self.device)
-            parts = self._losses(batch, plan)
-            values = self._check_finite(parts, plan, i)
-            total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
             group_start = (i // accum) * accum
             group_size = min(accum, n_batches - group_start)
-            (total / group_size).backward()
+            values = self.accumulate(batch, plan, i, scale=group_size)
             if i + 1 == group_start + group_size:
-                self._step(groups)
+                self.optimizer_step(groups)
                 s.global_step += 1
-                logged = {f"loss_{k}": float(v) for k, v in zip(parts, values)}
-                logged["loss_total"] = sum(getattr(plan.weights, k) * float(v) for k, v in zip(parts, values))
+                logged = {f"loss_{k}": v for k, v in values.items()}
+                logged["loss_total"] = sum(getattr(plan.weights, k) * v for k, v in values.items())
                 self.tb.scalars(s.global_step, logged, prefix="train/")
                 self.tb.scalars(s.global_step, {name: sch.get_last_lr()[0] for name, _, sch, _ in groups}, prefix="lr/")
-            for k, v in zip(parts, values):
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             seen += batch.target.shape[0]
             bar.update(1)
             if i % 10 == 0:
@@ -452,7 +428,7 @@ class JointTrainer:
         """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
         new, stats = build_item_codes(  # (N, C), same assignment rule as pretraining (Sinkhorn where sk_epsilons > 0)
             self.tokenizer,
-            self.vectors[1:],
+            self.vectors[1:],  # (N, d_s) items 1..N in id order
             self.model.code_num,
             sk_epsilons=self.cfg.tokenizer.sk_epsilons,
             sk_iters=self.cfg.tokenizer.sk_iters,
@@ -461,26 +437,16 @@ class JointTrainer:
             from accelerate.utils import broadcast
 
             new = broadcast(new.to(self.device), from_process=0).cpu()  # bitwise-identical tables everywhere
-        changed = new != self.codes.codes  # (N, C) per item and token
-        churn = float(changed.any(dim=1).double().mean())
-        prefix_churn = float(changed[:, :-1].any(dim=1).double().mean())
-        # share of items whose first changed token is at level l (they sum to prefix_churn)
-        moved = changed[:, :-1].any(dim=1)  # (N,)
-        first_level = changed[:, :-1].long().argmax(dim=1)[moved]  # (M,) index of the first True
-        first_change = (torch.bincount(first_level, minlength=changed.shape[1] - 1) / len(changed)).tolist()
+        churn = self.codes.churn(new)
         self.codes.update(new)
-        shown = {
-            "churn": churn,
-            "prefix_churn": prefix_churn,
-            **{f"churn_first_level{level + 1}": share for level, share in enumerate(first_change)},
-            **{k: v for k, v in stats.items() if isinstance(v, (int, float))},
-        }
-        self.tb.scalars(self.state.epochs_done, shown, prefix="codes/")
+        health = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        self.tb.scalars(self.state.epochs_done, {**churn, **health}, prefix="codes/")
+        first_change = [churn[f"churn_first_level{level}"] for level in range(1, self.codes.code_length)]
         logger.info(
             "item codes recomputed: churn %.4f (prefix %.4f; first change at level 1/2/...: %s), collision rate "
             "%.4f, max group %d, gini %.3f, min usage %.3f",
-            churn,
-            prefix_churn,
+            churn["churn"],
+            churn["prefix_churn"],
             "/".join(f"{share:.4f}" for share in first_change),
             stats["collision_rate"],
             stats["max_group"],
@@ -490,9 +456,8 @@ class JointTrainer:
 
     def _evaluate(self, split: str) -> dict[str, float]:
         tc = self.cfg.train
-        trie = ItemTrie(item_codes=self.codes.codes, code_num=self.model.code_num).to(self.device)
         loader = eval_loader(self.eval_sets[split], self.codes, tc.eval_batch_size, num_workers=tc.num_workers)
-        return evaluate(self.model, trie, loader, self.acc, tc.num_beams, tc.metrics)
+        return evaluate(self.model, self.codes.trie(self.device), loader, self.acc, tc.num_beams, tc.metrics)
 
     def _validate(self, phase: str, patience_limit: int) -> None:
         """Validate, keep ``best.pt`` on improvement, count patience."""
@@ -519,60 +484,6 @@ class JointTrainer:
         )
         if improved:
             self._save("best.pt", phase, metrics)
-
-    # ------------------------------------------------------------------ benchmark hooks (etegrec.bench.speed)
-    def benchmark_steps(self, phase: str, steps: int) -> dict[str, float]:
-        """Time ``steps`` training steps of ``phase`` (``tokenizer`` | ``recommender``) with every loss term on.
-
-        Trains the models as a real epoch would (weights change). Token counts exclude padding, so callers can
-        turn them into useful FLOPs.
-
-        Returns:
-            ``sequences``, ``seconds``, ``enc_tokens`` / ``dec_tokens`` (history / target code tokens of all
-            rows), ``distinct`` and ``enc_tokens_distinct`` (rows with distinct targets, which the tokenizer
-            phase runs the recommender on).
-        """
-        if phase not in ("tokenizer", "recommender"):
-            raise ValueError(f"phase={phase!r}; use tokenizer or recommender")
-        plan = plan_epoch(
-            0 if phase == "tokenizer" else 1,
-            cycle=2,
-            warm_epoch=0,
-            ablation="none",
-            converged=False,
-            weights=self.weights,
-        )
-        self._set_modes(plan)
-        groups = self._optimizers(plan)
-        batches = [b.to(self.device) for _, b in zip(range(steps + 1), self.train_loader)]
-        out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
-        start = 0.0
-        for i, b in enumerate(batches):
-            if i == 1:  # the first step warms up allocators and kernels
-                sync_device(self.device)
-                start = time.perf_counter()
-            parts = self._losses(b, plan)
-            self._check_finite(parts, plan, i)
-            sum(getattr(plan.weights, k) * v for k, v in parts.items()).backward()
-            self._step(groups)
-            if i >= 1:
-                first = first_occurrence(b.target)
-                real = b.history_codes >= 0  # (B, S)
-                out["sequences"] += b.target.shape[0]
-                out["enc_tokens"] += float(real.sum())
-                out["dec_tokens"] += b.target_codes.numel()
-                out["distinct"] += first.shape[0]
-                out["enc_tokens_distinct"] += float(real[first].sum())
-        sync_device(self.device)
-        out["seconds"] = time.perf_counter() - start
-        return out
-
-    def benchmark_eval_batches(self, split: str, users: int) -> list[Tensor]:
-        """History codes of the first ``users`` records of ``split``, sorted by length, in eval-size batches."""
-        data = self.eval_sets[split]
-        subset = data.subset(torch.arange(min(users, len(data))))
-        loader = eval_loader(subset, self.codes, self.cfg.train.eval_batch_size)
-        return [b.history_codes.to(self.device) for b in loader]
 
     # ------------------------------------------------------------------ stages
     def _start_finetune(self) -> None:
@@ -661,33 +572,6 @@ class JointTrainer:
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
-
-
-def resumed_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
-    """The interrupted run's own config (so the continuation equals an uninterrupted run).
-
-    Args:
-        path: the run's ``last.pt``.
-        obj: its raw contents (``read_joint``).
-        given: flat values the caller asked for; those that differ from the run's are ignored, with a warning.
-    """
-    if not {"rec", "id"} <= obj.get("optimizers", {}).keys() or not obj.get("trainer"):
-        raise ArtifactError(
-            f"resume checkpoint {path} is not the last.pt of a joint-training run (phase {obj.get('phase')!r}); "
-            "resume step 4 with --resume=myckpt/<dataset>/<run>/last.pt (a GRPO run's with train_grpo.py)"
-        )
-    try:
-        stored = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ArtifactError(f"resume checkpoint {path}: its stored config does not fit this version of the code "
-                            f"({err})") from None
-    stored.train.resume = str(path)
-    ignored = {k: v for k, v in given.items() if k != "resume" and stored.to_dict().get(k) != v}
-    if ignored:
-        logger.warning(
-            "resuming with the checkpoint's config; these command-line/config values are ignored: %s", ignored
-        )
-    return stored.validate()
 
 
 def run(cfg: Config, accelerator: Any) -> dict[str, Any]:

@@ -13,18 +13,18 @@ entropic optimal-transport plan between its vectors (uniform mass) and the codes
 "squared distance, min-max scaled to [-1, 1]", rounded so that no code exceeds its capacity. At level 1 this
 balances code usage; at the last level a group of <= K vectors gets distinct codes, i.e. no collisions.
 
-Deviations from the reference code (spec Sec. 4.2 / 11.1):
+Deviations from the reference code:
 * The residual keeps its gradient towards the encoder: ``v_{l+1} = v_l - sg(e_{c_l})``. The reference builds
   ``v_{l+1}`` from the straight-through output, which carries no gradient, so the commitment term (and, in joint
   training, the sequence-item alignment) of levels >= 2 never reached the encoder. Here every level's
   commitment pulls the encoder towards its partial reconstruction, as in Lee et al. 2022 (RQ-VAE). Codebook
   ``l`` is still trained only by its own codebook term (``sg`` on ``e_{c_l}`` inside the residual).
-* Sinkhorn (reference: ORIG ``models/vq.py``; the FORK ignored the flag) differs in three ways: (1) the plan is
-  rounded with capacities instead of a row-wise argmax, which gives near-identical vectors the same code and so
-  cannot separate near-duplicates; (2) below level 1 it balances inside prefix groups, not over the whole
-  batch, because a collision is a clash inside a prefix group; (3) it runs in the log domain (no
-  under/overflow at epsilon 0.003) and only where the caller passes ``sk_epsilons`` (training, or an explicit
-  code assignment); the reference switched it on by ``self.training``.
+* Sinkhorn (reference: ``models/vq.py`` of the original repository; its fork ignored the flag) differs in three
+  ways: (1) the plan is rounded with capacities instead of a row-wise argmax, which gives near-identical vectors
+  the same code and so cannot separate near-duplicates; (2) below level 1 it balances inside prefix groups, not
+  over the whole batch, because a collision is a clash inside a prefix group; (3) it runs in the log domain (no
+  under/overflow at epsilon 0.003) and only where the caller passes ``sk_epsilons`` (training, or an explicit code
+  assignment); the reference switched it on by ``self.training``.
 * k-means initialisation uses faiss over the whole item set, level by level on the residuals, seeded
   (reference: scikit-learn on the first training batch only).
 * Only the squared-L2 distance is implemented (the reference's ``dot``/``cos`` options were never used).
@@ -70,7 +70,8 @@ def code_log_probs(distances: Tensor) -> Tensor:
         distances: (..., K) squared distances, e.g. ``QuantizerOutput.distances`` (B, L, K).
 
     Returns:
-        (..., K) log-probabilities (the reference used ``+distances`` by mistake, spec Sec. 11.1-1).
+        (..., K) log-probabilities (the reference code used ``+distances`` by mistake, which puts most mass on
+        the farthest codes).
     """
     return F.log_softmax(-distances, dim=-1)
 

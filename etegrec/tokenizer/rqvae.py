@@ -7,14 +7,14 @@ Checkpoint (``save_rqvae`` / ``load_rqvae``): one ``torch.save`` dict of tensors
 ``torch.load(weights_only=True)`` reads it::
 
     {"format": "etegrec.rqvae/1", "model_args": {in_dim, layers, e_dim, num_emb_list, beta, dropout_prob, bn},
-     "state_dict": ..., "item_codes": LongTensor (N, L+1) (suffix included, row j = item id j+1),
+     "state_dict": ..., "item_codes": LongTensor (N, L+1) (suffix included; ``ItemCodes.stored``),
      "metrics": {...}, "input": {"tokenizer_input", "n_items", ...}, "config": flat config dict,
      "producer": "which run wrote it"}
 
-Deviations from the reference code: the reference saved either a wrapper dict the joint trainer could not read
-(ORIG) or a bare state dict without the architecture (FORK), and loaded it with ``strict=False`` so wrong files
-were ignored silently (spec Sec. 11.1-3/4). Here the file carries its architecture and loading is strict: any
-missing, unexpected or differently shaped tensor is an ``ArtifactError`` that lists them and names the producer.
+Deviations from the reference code: it saved either a wrapper dict the joint trainer could not read (the original
+repository) or a bare state dict without the architecture (its fork), and loaded it with ``strict=False``, so a
+wrong file loaded nothing, silently. Here the file carries its architecture and loading is strict: any missing,
+unexpected or differently shaped tensor is an ``ArtifactError`` that lists them and names the producer.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from etegrec.artifacts import STEP_RQVAE, ArtifactError, atomic_torch_save
+from etegrec.runtime import cpu_state, load_checkpoint_file
+from etegrec.tokenizer.item_codes import ItemCodes
 from etegrec.tokenizer.quantizer import ResidualQuantizer
 
 CKPT_FORMAT = "etegrec.rqvae/1"
@@ -163,7 +165,7 @@ class RQVAE(nn.Module):
 def save_rqvae(
     path: Path,
     model: RQVAE,
-    item_codes: Tensor,
+    item_codes: ItemCodes,
     metrics: dict[str, Any],
     cfg: Any,
     extra: dict[str, Any] | None = None,
@@ -173,19 +175,16 @@ def save_rqvae(
     Args:
         path: target ``.pth`` file.
         model: the tokenizer.
-        item_codes: (N, L+1) long code table with suffix, row j = item id j+1.
+        item_codes: the item IDs it assigns (L codes + the suffix per item).
         metrics: plain floats/ints (collision rate, gini, losses, epoch...).
         cfg: the run's ``Config`` (stored flat) or an already flat dict.
         extra: more top-level entries, e.g. ``{"input": {...}, "producer": "..."}``.
     """
-    levels = len(model.model_args()["num_emb_list"])
-    if item_codes.dim() != 2 or item_codes.shape[1] != levels + 1:
-        raise ValueError(f"item_codes must be (N, {levels + 1}) with the suffix column, got {tuple(item_codes.shape)}")
     obj: dict[str, Any] = {
         "format": CKPT_FORMAT,
         "model_args": model.model_args(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "item_codes": item_codes.detach().cpu().long().clone(),
+        "state_dict": cpu_state(model),
+        "item_codes": item_codes.stored(),
         "metrics": {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()},
         "config": cfg if isinstance(cfg, dict) else cfg.to_dict(),
         "producer": f"etegrec.tokenizer ({time.strftime('%Y-%m-%d %H:%M:%S')})",
@@ -247,17 +246,11 @@ def load_rqvae(
             any that differ from the file's raise ArtifactError.
 
     Returns:
-        (model in eval mode, the raw checkpoint dict).
+        (model in eval mode, the raw checkpoint dict; whoever uses its ``item_codes`` reads them with
+        ``ItemCodes.from_file``, which checks them).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"RQ-VAE checkpoint {path} does not exist; it is made by {STEP_RQVAE}.")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle / zip errors of a foreign or damaged file
-        raise ArtifactError(
-            f"{path} is not a readable RQ-VAE checkpoint ({type(err).__name__}: {err}); re-create it with {STEP_RQVAE}."
-        ) from None
+    obj = load_checkpoint_file(path, "RQ-VAE checkpoint", STEP_RQVAE, map_location)
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         kind = "a bare state dict (reference-code format, no architecture)" if isinstance(obj, dict) else type(obj).__name__
         raise ArtifactError(
@@ -278,8 +271,5 @@ def load_rqvae(
     except (TypeError, ValueError) as err:
         raise ArtifactError(f"{path}: model_args {args} are invalid ({err}); it was {_describe(obj)}.") from None
     load_tokenizer_state(model, obj["state_dict"], f"{path} ({_describe(obj)})")
-    codes = obj.get("item_codes")
-    if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != len(args["num_emb_list"]) + 1:
-        raise ArtifactError(f"{path}: item_codes must be an (N, L+1) tensor; it was {_describe(obj)}.")
     model.to(map_location).eval()
     return model, obj

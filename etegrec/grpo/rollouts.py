@@ -1,0 +1,96 @@
+"""GRPO rollouts: G items sampled per history by the current policy, scored for the update that follows.
+
+A rollout batch holds everything the policy update needs and nothing it would have to recompute: the samples
+(items and code tuples), the trie children of every sampled prefix, the frozen reference's masked, tempered
+next-token distributions on those prefixes, the sampler's own sequence log-probs (the update checks its
+teacher-forced ones against them), rewards and group advantages.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from etegrec.config import GRPOConfig
+from etegrec.grpo.algorithm import Rewards, compute_rewards, group_advantages, masked_log_softmax
+from etegrec.rec.data import Batch
+from etegrec.rec.generation import SequenceScorer, sample
+from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemTrie
+
+
+class Rollouts(NamedTuple):
+    """One micro-batch of rollouts, flattened to N = B*G samples where noted."""
+
+    history: Tensor  # (B, S) history codes, -1 = pad
+    items: Tensor  # (B, G) sampled item ids
+    codes: Tensor  # (B, G, C) sampled code tuples
+    allowed: Tensor  # (N, C, K) bool, trie children of each sampled prefix
+    ref_log_probs: Tensor  # (N, C, K) frozen reference, masked and tempered
+    sample_log_probs: Tensor  # (N,) sequence log-probs reported by the sampler
+    advantages: Tensor  # (N,)
+    informative: Tensor  # (N,) bool, the sample's group has unequal rewards
+    rewards: Rewards  # each (B, G)
+    group_informative: Tensor  # (B,) bool
+
+
+@torch.no_grad()
+def collect_rollouts(
+    policy: GenerativeRecommender,
+    reference: SequenceScorer,
+    trie: ItemTrie,
+    batch: Batch,
+    cfg: GRPOConfig,
+    item_vectors: Tensor | None,
+) -> Rollouts:
+    """Sample G items per history with the current policy (eval mode) and score them (rewards, reference).
+
+    Args:
+        batch: histories with their held-out next item (``target`` (B,) ids, ``target_codes`` (B, C)).
+        item_vectors: (N_items + 1, d) indexed by item id, for the cosine reward; else None.
+    """
+    g = cfg.grpo_group_size
+    history = batch.history_codes  # (B, S)
+    out = sample(policy, trie, history, num_samples=g, temperature=cfg.grpo_temperature)  # items (B, G)
+    flat = out.codes.reshape(-1, out.codes.shape[-1])  # (N, C)
+    allowed = trie.allowed_tokens(flat)  # (N, C, K)
+    ref_log_probs = masked_log_softmax(reference(history, out.codes), allowed, cfg.grpo_temperature)  # (N, C, K)
+    rewards = compute_rewards(
+        out.items,
+        out.codes,
+        batch.target,
+        batch.target_codes,
+        alpha=cfg.grpo_reward_alpha,
+        reward_type=cfg.grpo_reward_type,
+        item_vectors=item_vectors,
+    )
+    adv = group_advantages(rewards.reward)
+    return Rollouts(
+        history=history,
+        items=out.items,
+        codes=out.codes,
+        allowed=allowed,
+        ref_log_probs=ref_log_probs,
+        sample_log_probs=out.log_probs.reshape(-1),
+        advantages=adv.advantages.reshape(-1),
+        informative=adv.informative.repeat_interleave(g),
+        rewards=rewards,
+        group_informative=adv.informative,
+    )
+
+
+def rollout_stats(ro: Rollouts) -> dict[str, float]:
+    """Rollout-side statistics of one micro-batch (means over samples or groups)."""
+    adv = ro.advantages.view(ro.codes.shape[:2])  # (B, G)
+    informative = ro.group_informative
+    spread = (adv.amax(-1) - adv.amin(-1))[informative]  # (B_informative,)
+    return {
+        "reward": ro.rewards.reward.mean().item(),
+        "hit_rate": ro.rewards.hit.mean().item(),
+        "graded": ro.rewards.graded.mean().item(),
+        "zero_var_share": 1.0 - informative.float().mean().item(),
+        "adv_abs": ro.advantages.abs().mean().item(),
+        "adv_range": spread.mean().item() if spread.numel() else 0.0,
+    }
