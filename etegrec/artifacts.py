@@ -354,6 +354,12 @@ def load_item_map(files: DatasetFiles) -> dict[str, int]:
     return item_map
 
 
+def item_map_sha256(item_map: dict[str, int]) -> str:
+    """Fingerprint of an item map: SHA-256 of its raw ids in item-id order (JSON formatting does not matter)."""
+    raw_ids = sorted(item_map, key=item_map.__getitem__)  # "[PAD]" first, then items 1..N
+    return hashlib.sha256("\n".join(raw_ids).encode("utf-8")).hexdigest()
+
+
 @dataclass
 class SplitData:
     """One split as item ids: ``history[i]`` (int64, oldest first) precedes ``target[i]``."""

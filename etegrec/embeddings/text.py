@@ -140,7 +140,7 @@ def run(cfg: Config) -> Path:
     files = DatasetFiles.from_config(cfg)
     item_map = load_item_map(files)
     step = STEP_PREPARE.replace("NAME", files.name)
-    texts = _load_item_text(require_item_text(files), step)
+    texts = load_item_text(require_item_text(files), step)
     sentences, fallback = item_texts(item_map, texts, t.text_fields)
     unknown = len(set(texts) - set(item_map))
     logger.info(
@@ -164,7 +164,8 @@ def run(cfg: Config) -> Path:
     return path
 
 
-def _load_item_text(path: Path, step: str) -> dict[str, Any]:
+def load_item_text(path: Path, step: str) -> dict[str, Any]:
+    """``<NAME>.item_text.json`` as ``{raw id: {field: text}}``; ArtifactError naming ``step`` when malformed."""
     try:
         texts = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -7,7 +7,12 @@ with everything needed to resume) are ``torch.save`` dicts of tensors and plain 
     {"format": "etegrec.joint/1", "config": cfg.to_dict(), "model": recommender state_dict,
      "tokenizer": RQ-VAE state_dict, "tokenizer_args": RQVAE.model_args(), "item_codes": LongTensor (N, C),
      "epoch": int, "phase": str, "metrics": dict, "optimizers": {name: state_dict}, "schedulers": {...},
-     "trainer": {stage, epoch, best score, patience, ...}, "rng": {...}}
+     "trainer": {stage, epoch, best score, patience, ...}, "rng": {...},
+     "item_map_sha256": str | None}
+
+``item_map_sha256`` (``artifacts.item_map_sha256``) fingerprints the item map of the config's dataset folder at
+save time (None when there is none), so a reader can tell that the folder was re-prepared with other item ids
+since; checkpoints written before it existed lack the key.
 
 A GRPO run's files (``<TIMESTAMP>_grpo/``) hold the same entries under the format ``etegrec.grpo/1``: every
 reader of a recommender (``load_joint``: GRPO's SFT model, evaluation) takes both, but a run resumes only from
@@ -24,7 +29,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from etegrec.artifacts import STEP_JOINT, ArtifactError, atomic_torch_save
+from etegrec.artifacts import (
+    STEP_JOINT,
+    ArtifactError,
+    DatasetFiles,
+    atomic_torch_save,
+    item_map_sha256,
+    load_item_map,
+)
 from etegrec.config import Config
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.runtime import cpu_state, load_checkpoint_file, stored_config
@@ -83,8 +95,14 @@ def save_joint(
         "schedulers": schedulers or {},
         "trainer": trainer or {},
         "rng": rng or {},
+        "item_map_sha256": _dataset_item_map_sha256(cfg),
     }
     atomic_torch_save(Path(path), obj)
+
+
+def _dataset_item_map_sha256(cfg: Config) -> str | None:
+    files = DatasetFiles.from_config(cfg)
+    return item_map_sha256(load_item_map(files)) if files.item_map.is_file() else None
 
 
 def read_joint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
