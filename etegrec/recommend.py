@@ -282,20 +282,19 @@ class Recommender:
     def _decode(self, histories: list[list[int]], num_beams: int, top_k: int, progress: bool) -> BeamOutput:
         """Beam search for item-id histories in evaluation's batches (sorted by length); rows in input order, CPU."""
         n = len(histories)
-        data = SequenceDataset(
-            SplitData(history=[np.asarray(h, dtype=np.int64) for h in histories], target=np.zeros(n, np.int64),
-                      users=[]),
-            self.max_his_len,
-        )
         items = torch.zeros(n, top_k, dtype=torch.long)
         scores = torch.full((n, top_k), -torch.inf)
         codes = torch.full((n, top_k, self.codes.code_length), -1, dtype=torch.long)
+        if n == 0:
+            return BeamOutput(items=items, codes=codes, scores=scores)
+        split = SplitData(history=[np.asarray(h, dtype=np.int64) for h in histories], target=np.zeros(n), users=[])
+        data = SequenceDataset(split, self.max_his_len)  # keeps the last max_his_len items, as evaluation does
         collate = CodeCollator(self.codes)
         order = torch.argsort(data.lengths, stable=True)  # eval_loader's order (SequenceDataset.sorted_by_length)
         with tqdm(total=n, desc="recommend", unit="user", disable=not progress, dynamic_ncols=True) as bar:
             for rows in order.split(self.batch_size):
-                history_codes = collate(data[rows.tolist()]).history_codes.to(self.device)  # (b, T*C)
-                out = beam_search(self.model, self.trie, history_codes, num_beams=num_beams, top_k=top_k)
+                batch = collate(data.__getitems__(rows.tolist()))  # ItemBatch -> code tokens, padded per batch
+                out = beam_search(self.model, self.trie, batch.history_codes.to(self.device), num_beams, top_k)
                 items[rows], scores[rows], codes[rows] = out.items.cpu(), out.scores.cpu(), out.codes.cpu()
                 bar.update(len(rows))
         return BeamOutput(items=items, codes=codes, scores=scores)
@@ -320,7 +319,7 @@ def _read_histories(path: Path) -> list[tuple[int, Any, list[Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise RecommendError(f"{path}:{line_no}: not a JSON object ({err.msg}); write one object per line") from None
+            raise RecommendError(f"{path}:{line_no}: not JSON ({err.msg}); write one object per line") from None
         field = next((f for f in HISTORY_FIELDS if isinstance(record, dict) and f in record), None)
         if field is None or not isinstance(record[field], list):
             raise RecommendError(
@@ -392,7 +391,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--include_history", action="store_true", help="keep items the user already has")
     parser.add_argument("--strict", action="store_true", help="unknown ids and empty histories are errors")
     parser.add_argument("--num_beams", type=int, help="beam width (default: the checkpoint's num_beams)")
-    parser.add_argument("--batch_size", type=int, help="histories per batch (default: the checkpoint's eval_batch_size)")
+    parser.add_argument("--batch_size", type=int, help="histories per batch (default: checkpoint's eval_batch_size)")
     parser.add_argument("--data_path", help="folder holding the dataset folder, when it moved")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
