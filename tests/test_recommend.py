@@ -328,3 +328,20 @@ def test_export_bad_inputs_give_one_line(trained, tmp_path, capsys):
     code, _, err = _run(export_codes.main, args, capsys)
     assert code == 2 and err.count("\n") == 1 and "does not exist; pass --data_path" in err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_speed_benchmark_times_recommend_beside_the_decoder(tmp_path, accelerator):
+    from etegrec.bench.speed import _recommend_section, markdown
+
+    joint = trainer.JointTrainer(make_tiny_dataset(tmp_path), accelerator)
+    section = _recommend_section(joint, [1, 10], 16, {"beams_10": {"users_per_s": 100.0}})
+    assert set(section) == {"users", "beams_10", "beams_10_exclude_history"}  # 1 beam cannot give a top 10
+    assert section["users"] == 16
+    for row in ("beams_10", "beams_10_exclude_history"):
+        assert section[row]["users_per_s"] > 0
+        assert section[row]["vs_decoder"] == pytest.approx(section[row]["users_per_s"] / 100.0)
+    table = markdown({"dataset": "tiny", "model": "T5", "machine": "cpu", "matmul_gflops": 1.0,
+                      "eval": {"beams_10": {"users_per_s": 100.0, "utilisation": 0.1}}, "recommend": section})
+    assert "| `Recommender.recommend` batch (raw ids, top 10), 10 beams |" in table
+    assert "| `Recommender.recommend` batch (raw ids, top 10, history excluded), 10 beams |" in table

@@ -7,8 +7,9 @@ analytic FLOPs (matrix products of the T5 layers, attention scores and classifie
 
 The same checkpoint and histories are also decoded by transformers' ``generate`` with
 ``prefix_allowed_tokens_fn`` (the path other implementations use), and the share of users whose top-10
-lists agree with ours is reported. Results go to ``<out>/speed_<dataset>.json`` section by section; a
-re-run skips finished sections.
+lists agree with ours is reported. ``Recommender.recommend`` (``etegrec.recommend``, raw ids in and out) is
+timed on the same users at the same beam widths. Results go to ``<out>/speed_<dataset>.json`` section by
+section; a re-run skips finished sections.
 """
 
 from __future__ import annotations
@@ -188,6 +189,43 @@ def _eval_section(trainer: Any, beams: list[int], users: int, hf_users: int, pea
     return out
 
 
+def _recommend_section(trainer: Any, beams: list[int], users: int, eval_speed: dict[str, Any]) -> dict[str, Any]:
+    """``Recommender.recommend`` (raw ids in, raw ids out, top 10) on the users of the decoding section.
+
+    Times the whole batch path (id mapping, batching, code lookup, beam search) at every width >= 10 (the top-10
+    lists need 10 beams), without and with history exclusion; ``vs_decoder`` divides by the decoder's users/s at
+    the same width from ``_eval_section``.
+    """
+    from etegrec.artifacts import DatasetFiles, load_item_map
+    from etegrec.recommend import Recommender
+
+    cfg = trainer.cfg
+    item_map = load_item_map(DatasetFiles.from_config(cfg))
+    raw_ids = sorted(item_map, key=item_map.__getitem__)
+    data = trainer.eval_sets["test"]
+    n = min(users, len(data))
+    histories = [[raw_ids[i] for i in data.history[u, : data.lengths[u]].tolist()] for u in range(n)]
+    out: dict[str, Any] = {"users": n}
+    for width in (w for w in beams if w >= 10):
+        recommender = Recommender(
+            model=trainer.model.eval(), tokenizer=trainer.tokenizer, item_codes=trainer.codes.codes,
+            item_map=item_map, max_his_len=cfg.data.max_his_len, num_beams=width,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        recommender.recommend(histories[: cfg.train.eval_batch_size], k=10)  # warm-up
+        for exclude in (False, True):
+            sync_device(trainer.device)
+            start = time.perf_counter()
+            recommender.recommend(histories, k=10, exclude_history=exclude)
+            sync_device(trainer.device)
+            speed = n / (time.perf_counter() - start)
+            key = f"beams_{width}" + ("_exclude_history" if exclude else "")
+            decoder = eval_speed.get(f"beams_{width}", {}).get("users_per_s")
+            out[key] = {"users_per_s": speed, "vs_decoder": decoder and speed / decoder}
+            logger.info("recommend batch, %d beams%s: %.1f users/s", width, ", history excluded" * exclude, speed)
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The speed tables."""
     lines = [(f"Dataset `{result['dataset']}`, model {result['model']}, machine: {result['machine']}, fp32 matmul "
@@ -207,6 +245,14 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| transformers generate + prefix_allowed_tokens_fn, {key[18:]} beams | {r['users_per_s']:.2f} | "
                     f"top-10 identical for {100 * r['top_k_identical_share']:.1f}% of {r['users']} users; ours "
                     f"{r['our_speedup']:.0f}x faster |"
+                )
+        for key, r in result.get("recommend", {}).items():
+            if key.startswith("beams_"):
+                width, _, excluded = key[6:].partition("_")
+                lines.append(
+                    f"| `Recommender.recommend` batch (raw ids, top 10{', history excluded' if excluded else ''}), "
+                    f"{width} beams | {r['users_per_s']:.1f} | "
+                    + (f"{r['vs_decoder']:.2f}x the decoder's users/s at {width} beams |" if r["vs_decoder"] else "|")
                 )
         lines.append("")
     lines.append(f"Peak memory: {result.get('peak_memory_train_mb', float('nan')):.0f} MB while training, "
@@ -245,6 +291,8 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         atomic_write_json(result_file, result)
     if "eval" not in result:
         result["eval"] = _eval_section(trainer, args.beams, args.eval_users, args.hf_users, peak)
+    if "recommend" not in result:
+        result["recommend"] = _recommend_section(trainer, args.beams, args.eval_users, result["eval"])
     result["peak_memory_mb"] = max(result.get("peak_memory_mb", 0.0), peak_memory_mb(trainer.device))
     atomic_write_json(result_file, result)
     table = markdown(result)
