@@ -52,6 +52,7 @@ from etegrec.rec.model import GenerativeRecommender
 from etegrec.tokenizer.rqvae import RQVAE
 
 HISTORY_FIELDS = ("inter_history", "history")  # accepted history keys of a --input line, first found wins
+Candidate = tuple[int, float, tuple[int, ...]]  # (item id, ranking score, semantic ID)
 
 
 class RecommendError(ValueError):
@@ -237,10 +238,10 @@ class Recommender:
         served = [i for i, (known, _) in enumerate(mapped) if known]
         width = max(self.num_beams, k)
         found = self._decode([mapped[i][0] for i in served], width, width if exclude_history else k, progress)
-        lists = {i: self._rows(found, row) for row, i in enumerate(served)}
+        lists = dict(zip(served, _candidates(found)))
         if exclude_history:
             lists = self._exclude_history(lists, {i: mapped[i][0] for i in served}, k)
-        empty: list[tuple[int, float, tuple[int, ...]]] = []
+        empty: list[Candidate] = []
         return [
             Recommendation(
                 items=[self.raw_ids[item] for item, _, _ in lists.get(i, empty)],
@@ -252,8 +253,8 @@ class Recommender:
         ]
 
     def _exclude_history(
-        self, lists: dict[int, list[tuple[int, float, tuple[int, ...]]]], known: dict[int, list[int]], k: int
-    ) -> dict[int, list[tuple[int, float, tuple[int, ...]]]]:
+        self, lists: dict[int, list[Candidate]], known: dict[int, list[int]], k: int
+    ) -> dict[int, list[Candidate]]:
         """Drop history items, cut to k; users left with fewer than k are decoded again with k + |history| beams."""
         seen = {i: set(items) for i, items in known.items()}
         kept = {i: [c for c in cands if c[0] not in seen[i]] for i, cands in lists.items()}
@@ -263,21 +264,9 @@ class Recommender:
                 short.setdefault(min(self.n_items, k + len(seen[i])), []).append(i)
         for width, users in short.items():
             found = self._decode([known[i] for i in users], width, width, progress=False)
-            for row, i in enumerate(users):
-                kept[i] = [c for c in self._rows(found, row) if c[0] not in seen[i]]
+            for i, cands in zip(users, _candidates(found)):
+                kept[i] = [c for c in cands if c[0] not in seen[i]]
         return {i: cands[:k] for i, cands in kept.items()}
-
-    @staticmethod
-    def _rows(found: BeamOutput, row: int) -> list[tuple[int, float, tuple[int, ...]]]:
-        """(item id, score, code tuple) of one user's live candidates, best first."""
-        alive = found.items[row] > 0  # (k,)
-        return list(
-            zip(
-                found.items[row][alive].tolist(),
-                found.scores[row][alive].tolist(),
-                map(tuple, found.codes[row][alive].tolist()),
-            )
-        )
 
     def _decode(self, histories: list[list[int]], num_beams: int, top_k: int, progress: bool) -> BeamOutput:
         """Beam search for item-id histories in evaluation's batches (sorted by length); rows in input order, CPU."""
@@ -298,6 +287,14 @@ class Recommender:
                 items[rows], scores[rows], codes[rows] = out.items.cpu(), out.scores.cpu(), out.codes.cpu()
                 bar.update(len(rows))
         return BeamOutput(items=items, codes=codes, scores=scores)
+
+
+def _candidates(found: BeamOutput) -> list[list[Candidate]]:
+    """Every row's live candidates (item id > 0), best first."""
+    return [
+        [(item, score, tuple(code)) for item, score, code in zip(items, scores, codes) if item > 0]
+        for items, scores, codes in zip(found.items.tolist(), found.scores.tolist(), found.codes.tolist())
+    ]
 
 
 # ------------------------------------------------------------------------------------------ command line
