@@ -138,6 +138,8 @@ class Recommender:
         num_beams: int,
         batch_size: int,
     ) -> None:
+        if num_beams < 1 or batch_size < 1:
+            raise RecommendError(f"num_beams={num_beams} and batch_size={batch_size} must both be >= 1")
         if item_codes.shape[0] != len(item_map) - 1:
             raise ArtifactError(
                 f"the item-code table has {item_codes.shape[0]} rows but the item map {len(item_map) - 1} items"
@@ -185,8 +187,8 @@ class Recommender:
             item_map=item_map,
             texts=item_display_texts(files, item_map, cfg.text.text_fields),
             max_his_len=cfg.data.max_his_len,
-            num_beams=num_beams or cfg.train.num_beams,
-            batch_size=batch_size or cfg.train.eval_batch_size,
+            num_beams=cfg.train.num_beams if num_beams is None else num_beams,
+            batch_size=cfg.train.eval_batch_size if batch_size is None else batch_size,
         )
 
     @property
@@ -228,6 +230,9 @@ class Recommender:
         """
         if not 1 <= k <= self.n_items:
             raise RecommendError(f"k={k} is outside 1..{self.n_items} (the catalogue has {self.n_items} items)")
+        if isinstance(histories, str) or any(isinstance(history, str) for history in histories):
+            raise RecommendError("histories must be a list of histories, each a list of raw ids: wrap one history "
+                                 "in a list, e.g. recommend([['50', '181']])")
         mapped = [self.item_ids(history) for history in histories]
         if strict:
             for i, (known, unknown) in enumerate(mapped):
@@ -420,7 +425,11 @@ def main(argv: Sequence[str]) -> int:
             return 2
         _print_table(recommender, results[0])
     else:
-        written = _write_recommendations(args.output, records, results)
+        try:
+            written = _write_recommendations(args.output, records, results)
+        except OSError as err:
+            print(f"error: cannot write --output {args.output}: {err.strerror or err}", file=sys.stderr)
+            return 2
         print(f"wrote {written} user(s) to {args.output}", file=sys.stderr)
     if report:
         print(report, file=sys.stderr)

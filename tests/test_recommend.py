@@ -135,6 +135,8 @@ def test_unknown_ids_are_skipped_or_strict_errors(trained):
         with pytest.raises(RecommendError, match=r"k=\d+ is outside 1..30 \(the catalogue has 30 items\)"):
             rec.recommend([clean], k=k)
     assert len(rec.recommend([clean], k=30, exclude_history=False)[0].items) == 30
+    with pytest.raises(RecommendError, match="wrap one history in a list"):
+        rec.recommend(clean)  # one history instead of a list of them: its ids would be read as histories
 
 
 def test_item_text_and_titles(trained):
@@ -257,6 +259,7 @@ def test_cli_bad_requests_give_one_line(trained, tmp_path, capsys):
         (["--history", "zz", "yy"], r"error: none of the --history ids is in the catalogue \(skipped 2 unknown"),
         (["--history", "it1", "--data_path", tmp_path / "nowhere"], r"error: dataset folder .* does not exist"),
         (["--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"], r"error: cannot read --input .*missing"),
+        (["--history", "it1", "--batch_size", "0"], r"error: num_beams=10 and batch_size=0 must both be >= 1"),
     ]
     for extra, message in cases:
         code, _, err = _run(recommend.main, ["--ckpt", path, *extra], capsys)
