@@ -63,12 +63,19 @@ def _test_records(cfg):
 
 # --------------------------------------------------------------------------------------- API vs evaluation
 @pytest.mark.parametrize("kind", ["joint", "grpo"])
-def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, kind):
+def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tmp_path, capsys, kind):
     path, test_metrics = trained[kind]
     cfg = trained["cfg"]
     rec = Recommender.from_checkpoint(path)
     records = _test_records(cfg)
     recs = rec.recommend([r["inter_history"] for r in records], k=10, exclude_history=False)
+    # the command line on the test split file itself (user_id, target_id, inter_history) serves the same lists
+    split_file, out_file = DatasetFiles.from_config(cfg).split("test"), tmp_path / "recs.jsonl"
+    args = ["--ckpt", path, "--input", split_file, "--output", out_file, "--k", "10", "--include_history"]
+    assert _run(recommend.main, args, capsys)[0] == 0
+    served = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [s["user_id"] for s in served] == [r["user_id"] for r in records]
+    assert [(s["items"], s["scores"]) for s in served] == [(r.items, r.scores) for r in recs]
 
     # the evaluation's own lists: top_candidates over evaluation's loader of the test split
     state = load_joint(path)
