@@ -13,7 +13,7 @@ the checkpoint as ``etegrec.recommend`` does). Writes into ``--out``, each file 
   (exp entropy), Gini and the most items on one code; and the collisions of the L-code tuples (items with a
   non-zero suffix share their L codes with an earlier item).
 
-The usage table is also printed. Errors print ``error: <message>`` and exit with status 2.
+The usage table is also printed. Errors print one line ``error: <message>`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import argparse
 import csv
 import io
 import math
-import pickle
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,11 +29,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from etegrec.artifacts import ArtifactError, atomic_write_json, atomic_write_text, torch_load_failure
-from etegrec.config import Config, ConfigError, config_from_dict
+from etegrec.artifacts import STEP_JOINT, STEP_RQVAE, atomic_write_json, atomic_write_text
+from etegrec.cli import run_script
+from etegrec.config import Config
+from etegrec.errors import ArtifactError
 from etegrec.rec.checkpoint import CKPT_FORMAT as JOINT_FORMAT
+from etegrec.rec.checkpoint import GRPO_CKPT_FORMAT
 from etegrec.recommend import checkpoint_dataset, item_display_texts
-from etegrec.tokenizer.item_codes import level_stats
+from etegrec.runtime import load_checkpoint_file, stored_config
+from etegrec.tokenizer.item_codes import ItemCodes, level_stats
 from etegrec.tokenizer.rqvae import CKPT_FORMAT as RQVAE_FORMAT
 
 
@@ -55,31 +57,21 @@ def read_code_source(path: Path) -> CodeSource:
     Raises:
         ArtifactError: the file is missing, unreadable, of another kind, or its config does not fit this code.
     """
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
-        raise ArtifactError(f"{path} is not a readable checkpoint ({torch_load_failure(err)}).") from None
+    obj = load_checkpoint_file(path, "checkpoint", f"{STEP_JOINT} or {STEP_RQVAE}")
     fmt = obj.get("format") if isinstance(obj, dict) else None
-    if fmt == JOINT_FORMAT:
-        kind, args = ("grpo" if obj.get("phase") == "grpo" else "joint"), obj["tokenizer_args"]
+    if fmt in (JOINT_FORMAT, GRPO_CKPT_FORMAT):
+        kind, args = ("grpo" if fmt == GRPO_CKPT_FORMAT else "joint"), obj["tokenizer_args"]
     elif fmt == RQVAE_FORMAT:
         kind, args = "rqvae", obj["model_args"]
     else:
         raise ArtifactError(
-            f"{path} is neither a joint-training / GRPO checkpoint ({JOINT_FORMAT}: myckpt/<NAME>/<RUN>/best.pt) nor "
-            f"an RQ-VAE checkpoint ({RQVAE_FORMAT}: RQVAE/rqvae_ckpt/<NAME>/<TIME>/best_collision_*.pth)"
+            f"{path} is neither a joint-training / GRPO checkpoint (myckpt/<NAME>/<RUN>/best.pt) nor an RQ-VAE "
+            "checkpoint (RQVAE/rqvae_ckpt/<NAME>/<TIME>/best_collision_*.pth)"
         )
-    try:
-        cfg = config_from_dict(obj["config"])
-    except ConfigError as err:
-        raise ArtifactError(f"{path}: its stored config does not fit this version of the code ({err}).") from None
+    cfg = stored_config(path, obj)
     sizes = [int(k) for k in args["num_emb_list"]]
-    codes = obj["item_codes"].long()
-    if codes.dim() != 2 or codes.shape[1] != len(sizes) + 1:
-        raise ArtifactError(f"{path}: item_codes has shape {tuple(codes.shape)}, expected (N, {len(sizes) + 1})")
-    return CodeSource(kind, cfg, codes, sizes, obj.get("item_map_sha256"))
+    codes = ItemCodes.from_file(obj["item_codes"], cfg.model.code_num, path, code_length=len(sizes) + 1)
+    return CodeSource(kind, cfg, codes.stored(), sizes, obj.get("item_map_sha256"))
 
 
 def codebook_usage(codes: Tensor, sizes: Sequence[int]) -> dict[str, Any]:
@@ -153,8 +145,8 @@ def export(ckpt: Path, out: Path, data_path: str | None = None) -> dict[str, Any
     return usage
 
 
-def main(argv: Sequence[str]) -> int:
-    """The command line (module docstring); returns the exit status."""
+def main(argv: Sequence[str]) -> None:
+    """The command line (module docstring); bad input raises an ``EtegrecError``, which ``run_script`` prints."""
     parser = argparse.ArgumentParser(prog="python -m etegrec.export_codes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="joint / GRPO best.pt, or an RQ-VAE .pth")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
@@ -162,16 +154,11 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         usage = export(args.ckpt, args.out, args.data_path)
-    except (ArtifactError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # unwritable --out
-        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # an unwritable --out
+        raise ArtifactError(f"cannot write into --out {args.out}: {err.strerror or err}") from None
     print(usage_table(usage))
     print(f"wrote item_codes.csv, item_codes.json, codebook_usage.json into {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_script(main, __doc__, None)

@@ -17,7 +17,8 @@ minus the items of the history, cut to k. When fewer than k remain, that user is
 Bad input: an unknown raw id is ignored (listed in ``Recommendation.unknown``) and a history without any known
 id gets no recommendation; with ``strict`` both are ``RecommendError``. ``k`` outside ``1..N`` is an error. A
 missing dataset folder, or an item map that differs from the one the checkpoint was trained with, is an
-``ArtifactError`` naming the folder. The command line prints ``error: <message>`` and exits with status 2.
+``ArtifactError`` naming the folder. The command line prints such errors as one line ``error: <message>`` and
+exits with status 2 (``etegrec.cli.run_script``).
 """
 
 from __future__ import annotations
@@ -31,31 +32,33 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from etegrec.artifacts import (
     STEP_PREPARE,
-    ArtifactError,
     DatasetFiles,
     SplitData,
     atomic_write_text,
+    check_prepared_file,
     item_map_sha256,
     load_item_map,
 )
-from etegrec.config import Config, ConfigError
+from etegrec.cli import run_script
+from etegrec.config import Config
 from etegrec.embeddings.text import item_text, load_item_text
+from etegrec.errors import ArtifactError, EtegrecError
 from etegrec.rec.checkpoint import load_joint
-from etegrec.rec.data import CodeCollator, CodeTable, SequenceDataset
-from etegrec.rec.generation import BeamOutput, ItemTrie, beam_search
+from etegrec.rec.data import CodeCollator, SequenceDataset
+from etegrec.rec.generation import BeamOutput, beam_search
 from etegrec.rec.model import GenerativeRecommender
+from etegrec.tokenizer.item_codes import ItemCodes
 from etegrec.tokenizer.rqvae import RQVAE
 
 HISTORY_FIELDS = ("inter_history", "history")  # accepted history keys of a --input line, first found wins
 Candidate = tuple[int, float, tuple[int, ...]]  # (item id, ranking score, semantic ID)
 
 
-class RecommendError(ValueError):
+class RecommendError(EtegrecError, ValueError):
     """A request the recommender cannot serve; the message names the history or file and the fix."""
 
 
@@ -95,7 +98,8 @@ def item_display_texts(files: DatasetFiles, item_map: dict[str, int], fields: Se
     texts: list[str] = [""] * len(item_map)
     if not files.item_text.is_file():
         return texts
-    records = load_item_text(files.item_text, STEP_PREPARE.replace("NAME", files.name))
+    step = STEP_PREPARE.replace("NAME", files.name)
+    records = load_item_text(check_prepared_file(files, files.item_text, "item text"), step)
     for raw, item in item_map.items():
         record = records.get(raw) or {}
         texts[item] = str(record.get("title") or "").strip() or item_text(record, fields)
@@ -118,7 +122,7 @@ class Recommender:
     Args:
         model: the recommender (its device is the decoding device).
         tokenizer: the RQ-VAE that made ``item_codes`` (kept for callers; decoding does not use it).
-        item_codes: (N, C) long, row j = semantic ID of item id j+1.
+        item_codes: every item's semantic ID.
         item_map: ``{"[PAD]": 0, raw_id: item id}``.
         texts: display text per item id (index 0 unused), e.g. from ``item_display_texts``; default none.
         max_his_len: history items the model sees (the last ones).
@@ -131,7 +135,7 @@ class Recommender:
         *,
         model: GenerativeRecommender,
         tokenizer: RQVAE | None,
-        item_codes: Tensor,
+        item_codes: ItemCodes,
         item_map: dict[str, int],
         texts: list[str] | None = None,
         max_his_len: int,
@@ -140,15 +144,15 @@ class Recommender:
     ) -> None:
         if num_beams < 1 or batch_size < 1:
             raise RecommendError(f"num_beams={num_beams} and batch_size={batch_size} must both be >= 1")
-        if item_codes.shape[0] != len(item_map) - 1:
+        if item_codes.n_items != len(item_map) - 1:
             raise ArtifactError(
-                f"the item-code table has {item_codes.shape[0]} rows but the item map {len(item_map) - 1} items"
+                f"the item-code table has {item_codes.n_items} items but the item map {len(item_map) - 1}"
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.token_embeddings[0].weight.device
-        self.codes = CodeTable(item_codes.cpu())
-        self.trie = ItemTrie(item_codes=item_codes.to(self.device), code_num=model.code_num)
+        self.codes = item_codes
+        self.trie = item_codes.trie(self.device)
         self.item_map = item_map
         self.raw_ids = sorted(item_map, key=item_map.__getitem__)  # raw id of every item id, "[PAD]" first
         self.texts = texts if texts is not None else [""] * len(item_map)
@@ -179,7 +183,7 @@ class Recommender:
         cfg = state.cfg
         if data_path is not None:
             cfg.data.data_path = str(Path(data_path).expanduser().resolve())
-        files, item_map = checkpoint_dataset(cfg, path, state.item_codes.shape[0], state.raw.get("item_map_sha256"))
+        files, item_map = checkpoint_dataset(cfg, path, state.item_codes.n_items, state.raw.get("item_map_sha256"))
         return cls(
             model=state.model,
             tokenizer=state.tokenizer,
@@ -377,12 +381,15 @@ def _write_recommendations(
         for (_, user, _), rec in zip(records, results)
         if rec.items
     ]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    try:
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+    except OSError as err:
+        raise RecommendError(f"cannot write --output {path}: {err.strerror or err}") from None
     return len(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-    """The command line (module docstring); returns the exit status."""
+def main(argv: Sequence[str]) -> None:
+    """The command line (module docstring); bad input raises an ``EtegrecError``, which ``run_script`` prints."""
     parser = argparse.ArgumentParser(prog="python -m etegrec.recommend", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="joint-training or GRPO checkpoint (best.pt)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -399,42 +406,29 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.input is not None and args.output is None:
         parser.error("--input needs --output")
-    try:
-        recommender = Recommender.from_checkpoint(
-            args.ckpt, args.device, data_path=args.data_path, num_beams=args.num_beams, batch_size=args.batch_size
-        )
-        if args.history is not None:
-            records = [(0, None, args.history)]
-        else:
-            records = _read_histories(args.input)
-        if args.strict:
-            for line_no, user, history in records:
-                where = "--history" if args.history is not None else f"{args.input}:{line_no} (user_id {user!r})"
-                _check_strict(recommender, where, history)
-        results = recommender.recommend(
-            [history for _, _, history in records], k=args.k, exclude_history=not args.include_history,
-            progress=args.input is not None,
-        )
-    except (RecommendError, ArtifactError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recommender = Recommender.from_checkpoint(
+        args.ckpt, args.device, data_path=args.data_path, num_beams=args.num_beams, batch_size=args.batch_size
+    )
+    records = [(0, None, args.history)] if args.history is not None else _read_histories(args.input)
+    if args.strict:
+        for line_no, user, history in records:
+            where = "--history" if args.history is not None else f"{args.input}:{line_no} (user_id {user!r})"
+            _check_strict(recommender, where, history)
+    results = recommender.recommend(
+        [history for _, _, history in records], k=args.k, exclude_history=not args.include_history,
+        progress=args.input is not None,
+    )
     report = _skip_report(results)
     if args.history is not None:
         if not results[0].items:
-            print(f"error: none of the --history ids is in the catalogue ({report})", file=sys.stderr)
-            return 2
+            raise RecommendError(f"none of the --history ids is in the catalogue ({report})")
         _print_table(recommender, results[0])
     else:
-        try:
-            written = _write_recommendations(args.output, records, results)
-        except OSError as err:
-            print(f"error: cannot write --output {args.output}: {err.strerror or err}", file=sys.stderr)
-            return 2
+        written = _write_recommendations(args.output, records, results)
         print(f"wrote {written} user(s) to {args.output}", file=sys.stderr)
     if report:
         print(report, file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_script(main, __doc__, None)

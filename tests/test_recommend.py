@@ -18,9 +18,9 @@ from etegrec import export_codes, recommend
 from etegrec.artifacts import ArtifactError, DatasetFiles, load_item_map, load_split
 from etegrec.rec import trainer
 from etegrec.rec.checkpoint import load_joint
-from etegrec.rec.data import CodeTable, SequenceDataset, eval_loader
+from etegrec.cli import run_script
+from etegrec.rec.data import SequenceDataset, eval_loader
 from etegrec.rec.evaluate import top_candidates
-from etegrec.rec.generation import ItemTrie
 from etegrec.rec.metrics import metrics_from_ranks, target_ranks
 from etegrec.recommend import Recommender, RecommendError
 from etegrec.runtime import make_accelerator
@@ -34,7 +34,7 @@ def accelerator():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, accelerator):
     """A tiny dataset with item text, a joint-training run and a one-epoch GRPO run on top of it."""
-    from etegrec.grpo.trainer import load_grpo_config
+    from etegrec.grpo.config import load_grpo_config
     from etegrec.grpo.trainer import run as run_grpo
 
     root = tmp_path_factory.mktemp("use")
@@ -72,7 +72,7 @@ def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tm
     # the command line on the test split file itself (user_id, target_id, inter_history) serves the same lists
     split_file, out_file = DatasetFiles.from_config(cfg).split("test"), tmp_path / "recs.jsonl"
     args = ["--ckpt", path, "--input", split_file, "--output", out_file, "--k", "10", "--include_history"]
-    assert _run(recommend.main, args, capsys)[0] == 0
+    assert _run(recommend, args, capsys)[0] == 0
     served = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [s["user_id"] for s in served] == [r["user_id"] for r in records]
     assert [(s["items"], s["scores"]) for s in served] == [(r.items, r.scores) for r in recs]
@@ -81,9 +81,8 @@ def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tm
     state = load_joint(path)
     files = DatasetFiles.from_config(cfg)
     data = SequenceDataset(load_split(files, "test", load_item_map(files), cfg.data.max_his_len), cfg.data.max_his_len)
-    loader = eval_loader(data, CodeTable(state.item_codes), cfg.train.eval_batch_size)
-    trie = ItemTrie(item_codes=state.item_codes, code_num=cfg.model.code_num)
-    outs = list(top_candidates(state.model, trie, loader, accelerator, cfg.train.num_beams, 10))
+    loader = eval_loader(data, state.item_codes, cfg.train.eval_batch_size)
+    outs = list(top_candidates(state.model, state.item_codes.trie(), loader, accelerator, cfg.train.num_beams, 10))
     items = torch.cat([out.items for _, out in outs])  # (n, 10) in the loader's record order
     scores = torch.cat([out.scores for _, out in outs])
     ordered = loader.dataset
@@ -98,7 +97,7 @@ def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tm
         want_items, want_scores = evaluation[key]
         assert got.items == [rec.raw_ids[i] for i in want_items.tolist()]
         assert got.scores == pytest.approx(want_scores.tolist(), abs=1e-5)
-        codes = [state.item_codes[rec.item_map[x] - 1].tolist() for x in got.items]
+        codes = [state.item_codes.table[rec.item_map[x]].tolist() for x in got.items]
         assert [list(s) for s in got.semantic_ids] == codes
 
     # and the metrics recomputed from the served lists are the run's test metrics
@@ -189,15 +188,20 @@ def test_a_different_item_map_is_refused(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- command line
-def _run(main, argv, capsys):
-    code = main([str(a) for a in argv])
+def _run(module, argv, capsys):
+    """Exit status, stdout and stderr of a module's command line, run as its ``__main__`` block runs it."""
+    try:
+        run_script(module.main, module.__doc__, None, argv=[str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
 
 def test_cli_prints_a_ranked_table(trained, capsys):
     path = trained["joint"][0]
-    code, out, err = _run(recommend.main, ["--ckpt", path, "--history", "it3", "it4", "zz", "--k", "4"], capsys)
+    code, out, err = _run(recommend, ["--ckpt", path, "--history", "it3", "it4", "zz", "--k", "4"], capsys)
     assert code == 0 and "skipped 1 unknown item id(s) in 1 history(ies)" in err
     want = Recommender.from_checkpoint(path).recommend([["it3", "it4"]], k=4)[0]
     lines = out.splitlines()
@@ -220,7 +224,7 @@ def test_cli_batch_mode_writes_one_line_per_user(trained, tmp_path, capsys):
     src = tmp_path / "histories.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
     dst = tmp_path / "recs.jsonl"
-    code, _, err = _run(recommend.main, ["--ckpt", path, "--input", src, "--output", dst, "--k", "3"], capsys)
+    code, _, err = _run(recommend, ["--ckpt", path, "--input", src, "--output", dst, "--k", "3"], capsys)
     assert code == 0
     assert "recommend: 100%" in err  # the progress bar
     assert "wrote 3 user(s)" in err and "skipped 2 unknown item id(s) in 2 history(ies)" in err
@@ -232,11 +236,11 @@ def test_cli_batch_mode_writes_one_line_per_user(trained, tmp_path, capsys):
         assert g["items"] == w.items and g["scores"] == w.scores
         assert g["semantic_ids"] == [list(s) for s in w.semantic_ids]
 
-    code, _, err = _run(recommend.main, ["--ckpt", path, "--input", src, "--output", dst, "--strict"], capsys)
+    code, _, err = _run(recommend, ["--ckpt", path, "--input", src, "--output", dst, "--strict"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {src}:2 (user_id 7): unknown item id 'bad' (1 unknown in this history)")
     src.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"user_id": "x", "history": []}) + "\n")
-    code, _, err = _run(recommend.main, ["--ckpt", path, "--input", src, "--output", dst, "--strict"], capsys)
+    code, _, err = _run(recommend, ["--ckpt", path, "--input", src, "--output", dst, "--strict"], capsys)
     assert code == 2 and err.startswith(f"error: {src}:2 (user_id 'x'): the history is empty")
 
 
@@ -252,7 +256,7 @@ def test_cli_malformed_input_lines(trained, tmp_path, capsys, content, message):
     src = tmp_path / "in.jsonl"
     src.write_text(content)
     code, _, err = _run(
-        recommend.main, ["--ckpt", trained["joint"][0], "--input", src, "--output", tmp_path / "o.jsonl"], capsys
+        recommend, ["--ckpt", trained["joint"][0], "--input", src, "--output", tmp_path / "o.jsonl"], capsys
     )
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(message, err)
@@ -269,14 +273,13 @@ def test_cli_bad_requests_give_one_line(trained, tmp_path, capsys):
         (["--history", "it1", "--batch_size", "0"], r"error: num_beams=10 and batch_size=0 must both be >= 1"),
     ]
     for extra, message in cases:
-        code, _, err = _run(recommend.main, ["--ckpt", path, *extra], capsys)
+        code, _, err = _run(recommend, ["--ckpt", path, *extra], capsys)
         assert code == 2 and err.count("\n") == 1, err
         assert re.match(message, err), err
-    code, _, err = _run(recommend.main, ["--ckpt", tmp_path / "none.pt", "--history", "it1"], capsys)
+    code, _, err = _run(recommend, ["--ckpt", tmp_path / "none.pt", "--history", "it1"], capsys)
     assert code == 2 and err.startswith("error: joint checkpoint") and "does not exist" in err
-    with pytest.raises(SystemExit) as exit_info:  # argparse: usage line + "error: --input needs --output"
-        recommend.main(["--ckpt", str(path), "--input", str(tmp_path / "x.jsonl")])
-    assert exit_info.value.code == 2 and "--input needs --output" in capsys.readouterr().err
+    code, _, err = _run(recommend, ["--ckpt", path, "--input", tmp_path / "x.jsonl"], capsys)
+    assert code == 2 and "--input needs --output" in err  # argparse: usage line, then the error
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -299,7 +302,7 @@ def test_export_writes_the_code_table_of_every_checkpoint_kind(trained, tmp_path
     path = Path(cfg.tokenizer.rqvae_path) if kind == "rqvae" else trained[kind][0]
     table = torch.load(path, weights_only=True)["item_codes"]  # (30, 4)
     out = tmp_path / "codes"
-    code, printed, _ = _run(export_codes.main, ["--ckpt", path, "--out", out], capsys)
+    code, printed, _ = _run(export_codes, ["--ckpt", path, "--out", out], capsys)
     assert code == 0 and "| level | codebook | codes used |" in printed and "30 items" in printed
     assert sorted(p.name for p in out.iterdir()) == ["codebook_usage.json", "item_codes.csv", "item_codes.json"]
 
@@ -329,13 +332,13 @@ def test_export_writes_the_code_table_of_every_checkpoint_kind(trained, tmp_path
 def test_export_bad_inputs_give_one_line(trained, tmp_path, capsys):
     cfg = trained["cfg"]
     not_a_ckpt = DatasetFiles.from_config(cfg).item_map
-    code, _, err = _run(export_codes.main, ["--ckpt", not_a_ckpt, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "is not a readable checkpoint (not a torch.save file" in err
+    code, _, err = _run(export_codes, ["--ckpt", not_a_ckpt, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a readable checkpoint" in err
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    code, _, err = _run(export_codes.main, ["--ckpt", tmp_path / "other.pt", "--out", tmp_path / "o"], capsys)
+    code, _, err = _run(export_codes, ["--ckpt", tmp_path / "other.pt", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "is neither a joint-training / GRPO checkpoint" in err
     args = ["--ckpt", cfg.tokenizer.rqvae_path, "--out", tmp_path / "o", "--data_path", tmp_path / "nowhere"]
-    code, _, err = _run(export_codes.main, args, capsys)
+    code, _, err = _run(export_codes, args, capsys)
     assert code == 2 and err.count("\n") == 1 and "does not exist; pass --data_path" in err
     assert not (tmp_path / "o").exists()
 

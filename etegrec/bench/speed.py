@@ -208,7 +208,7 @@ def _recommend_section(trainer: Any, beams: list[int], users: int, eval_speed: d
     out: dict[str, Any] = {"users": n}
     for width in (w for w in beams if w >= 10):
         recommender = Recommender(
-            model=trainer.model.eval(), tokenizer=trainer.tokenizer, item_codes=trainer.codes.codes,
+            model=trainer.model.eval(), tokenizer=trainer.tokenizer, item_codes=trainer.codes,
             item_map=item_map, max_his_len=cfg.data.max_his_len, num_beams=width,
             batch_size=cfg.train.eval_batch_size,
         )
