@@ -4,8 +4,8 @@
     python -m etegrec.recommend --ckpt myckpt/ml-100k/<RUN>/best.pt --input histories.jsonl --output recs.jsonl
 
 ``Recommender.from_checkpoint`` rebuilds recommender, tokenizer and item-code table from a joint-training or GRPO
-checkpoint (both have the joint format, read with ``weights_only=True``) and the item map and item text from the
-dataset folder its config names (``data_path`` moves it). ``recommend`` maps raw ids to item ids, keeps the last
+checkpoint (``checkpoint.load_joint``, ``weights_only=True``) and the item map and item text from the dataset
+folder its config names (``data_path`` moves it). ``recommend`` maps raw ids to item ids, keeps the last
 ``max_his_len`` of them, batches histories sorted by length exactly as evaluation does (``eval_loader``) and decodes
 them with evaluation's constrained beam search (``generation.beam_search``): without history exclusion a user's
 list is the evaluation's top-k list for the same history.
