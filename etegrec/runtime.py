@@ -149,13 +149,17 @@ def cpu_threads() -> int:
 
 def new_run_dir(root: Path, stamp: str, accelerator: Any = None) -> Path:
     """``<root>/<stamp>[-k]``, created by the main process and shared with the others (``-k`` when two runs
-    start in the same second)."""
+    start in the same second, also when they are separate processes racing for the name)."""
     name: list[str | None] = [None]
     if accelerator is None or accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
         run_dir, k = root / stamp, 1
-        while run_dir.exists():
-            run_dir, k = root / f"{stamp}-{k}", k + 1
-        run_dir.mkdir(parents=True)
+        while True:
+            try:
+                run_dir.mkdir()  # atomic: exactly one process creates a given name
+                break
+            except FileExistsError:
+                run_dir, k = root / f"{stamp}-{k}", k + 1
         name = [run_dir.name]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list

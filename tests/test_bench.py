@@ -145,7 +145,8 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
-                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path))
+                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path),
+                              parallel=1)
     overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
     state = run_quality(args, overrides)
     saved = json.loads((tmp_path / "quality_tiny.json").read_text())
@@ -191,3 +192,28 @@ def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
     )
     assert copied.split("train").read_text() == "{}\n"
     assert _prepared_seed_folder("beauty", "tiny", tmp_path, []) is None
+
+
+def test_parallel_runs_train_side_by_side_in_their_own_processes(shared_data: Path, tmp_path: Path) -> None:
+    from etegrec.bench.__main__ import main
+
+    main(["quality", "--preset", "tiny", "--datasets", "scientific", "--seeds", "1", "--models", "TIGER-style",
+          "ETEGRec", "ETEGRec+GRPO", "--parallel", "2", "--out", str(tmp_path),
+          f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"])
+    saved = json.loads((tmp_path / "quality_tiny.json").read_text())
+    runs = {key.split("/")[-1]: run for key, run in saved["runs"].items()}
+    assert set(runs) == {"TIGER-style", "ETEGRec", "ETEGRec+GRPO"}
+    tiger, ete, grpo = runs["TIGER-style"], runs["ETEGRec"], runs["ETEGRec+GRPO"]
+    assert tiger["started_at"] < ete["finished_at"] and ete["started_at"] < tiger["finished_at"]  # side by side
+    assert grpo["started_at"] >= ete["finished_at"]  # GRPO starts from the finished ETEGRec checkpoint
+    assert saved["summary"]["scientific"]["ETEGRec"]["ndcg@10"]["n"] == 1
+    # steps 1-3 were built once, by the invocation, before the workers started
+    seed_folder = tmp_path / "tiny" / "scientific" / "seed1"
+    assert list(saved["builds"]) == ["scientific/seed1"]
+    assert len([p for p in (seed_folder / "rqvae" / "scientific").iterdir() if p.is_dir()]) == 1
+    # each run has its own process log and its own run folder
+    for model in runs:
+        log = (tmp_path / "workers" / f"scientific_seed1_{model}.log").read_text()
+        assert f"benchmark run scientific/seed1/{model}" in log and "building missing artifact" not in log
+    assert Path(tiger["checkpoint"]).parent != Path(ete["checkpoint"]).parent
+    assert (tmp_path / "quality_tiny.md").read_text().count("| ETEGRec") == 2  # ETEGRec and ETEGRec+GRPO rows

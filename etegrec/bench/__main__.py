@@ -24,6 +24,8 @@ def main(argv: list[str]) -> None:
     q.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     q.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     q.add_argument("--out", default="bench_results", help="result folder (relative to the repository root)")
+    q.add_argument("--parallel", type=int, default=1,
+                   help="trainings run at once, one process each, sharing the device (steps 1-3 are built first)")
     s = sub.add_parser("speed", help="training/evaluation throughput, peak memory, HF generate comparison")
     s.add_argument("--dataset", default="beauty")
     s.add_argument("--beams", nargs="+", type=int, default=[1, 10, 20, 50])
@@ -33,6 +35,8 @@ def main(argv: list[str]) -> None:
     s.add_argument("--batch_size", type=int, default=512)
     s.add_argument("--out", default="bench_results")
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "quality" and args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: give at least 1")
     if args.command == "quality":
         from etegrec.bench.quality import run_quality
 

@@ -11,6 +11,12 @@ under a file lock (``<seed folder>/steps1-3.lock``), so a second invocation wait
 (dataset, seed, model) run that a live invocation is training is skipped (``<out>/running/*.lock``). The
 locks are ``fcntl`` locks, released when their process dies.
 
+``--parallel N`` runs up to N trainings at once, each in its own process (sharing the device), with its own
+run folder, log (``<out>/workers/<dataset>_seed<k>_<model>.log``) and lock: steps 1-3 of every seed folder
+are built first, in this process, then the workers start; ETEGRec+GRPO starts once the ETEGRec run of its
+seed is in the result file. Every writer merges its run into the result file under a file lock, so runs of
+concurrent processes are never lost.
+
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
 does (``matched_recommender_epochs``: 8 of the ``cpu`` preset's 16 with ``cycle=2``) and the same finetune
 phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
@@ -22,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -245,17 +253,30 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _read_result(result_file: Path) -> dict[str, Any]:
+    return json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
+
+
 def _merge_result(result_file: Path, state: dict[str, Any], key: str | None, entry: Any,
-                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Add one finished run to the result file, keeping runs that a concurrent invocation (e.g. another
-    ``--models`` list on the same ``--out``) wrote since this one started."""
-    on_disk = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
-    merged = {**state, "runs": {**state["runs"], **on_disk.get("runs", {})}}
-    if key is not None:
-        merged["runs"][key] = entry
-    # the seeds of every run in the file (other invocations' included), not only this invocation's --seeds
-    merged["meta"] = {**meta, "seeds": sorted({int(k.split("/")[1].removeprefix("seed")) for k in merged["runs"]})}
-    atomic_write_json(result_file, merged)
+                  meta: dict[str, Any], section: str = "runs") -> dict[str, Any]:
+    """Add one finished run (or, with ``section="builds"``, one seed folder's build) to the result file, keeping
+    what concurrent processes (workers of ``--parallel``, other invocations on the same ``--out``) wrote; the
+    read-modify-write holds the result file's lock, and the summary is recomputed from the merged runs."""
+    with FileLock(result_file.with_suffix(".lock"), waiting_for="the result file"):
+        on_disk = _read_result(result_file)
+        merged = {**state}
+        for name in ("runs", "builds"):
+            merged[name] = {**state.get(name, {}), **on_disk.get(name, {})}
+        if key is not None:
+            merged[section][key] = entry
+        runs = merged["runs"]
+        # the seeds of every run in the file (other invocations' included), not only this invocation's --seeds
+        merged["meta"] = {**meta, "seeds": sorted({int(k.split("/")[1].removeprefix("seed")) for k in runs})}
+        # the tables cover every finished run in the file, including other invocations' datasets and models
+        datasets = list(dict.fromkeys(k.split("/")[0] for k in runs))
+        models = [m for m in MODELS if any(k.endswith(f"/{m}") for k in runs)]
+        merged["summary"] = summarise(runs, datasets, models)
+        atomic_write_json(result_file, merged)
     return merged
 
 
@@ -269,6 +290,107 @@ def _claim(lock_dir: Path, key: str) -> FileLock | None:
     return lock if lock.acquire(blocking=False) else None
 
 
+def _run_key(dataset: str, seed: int, model: str) -> str:
+    return f"{dataset}/seed{seed}/{model}"
+
+
+def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], result_file: Path,
+             meta: dict[str, Any]) -> None:
+    """Build the seed folder if needed, train one (dataset, seed, model) and merge it into the result file."""
+    dataset, seed, model = job
+    key = _run_key(*job)
+    runs = _read_result(result_file)["runs"]
+    if key in runs:
+        return  # finished in an earlier invocation
+    lock = _claim(out / "running", key)
+    if lock is None:
+        logger.info("benchmark run %s is running in another process; skipped here", key)
+        return
+    logger.info("benchmark run %s", key)
+    start, started_at = time.perf_counter(), time.time()
+    try:
+        cfg = build_seed_folder(dataset, preset, seed, out, overrides)
+        result = _train(cfg, model, runs, f"{dataset}/seed{seed}")
+    finally:
+        lock.release()
+    kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
+    entry = {k: v for k, v in result.items() if k in kept}
+    entry.update(wall_s=round(time.perf_counter() - start, 1), started_at=round(started_at, 1),
+                 finished_at=round(time.time(), 1))
+    _merge_result(result_file, {"runs": {}}, key, json.loads(json.dumps(entry, default=str)), meta)
+
+
+def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str],
+                  env: dict[str, str]) -> subprocess.Popen:
+    """One run as ``python -m etegrec.bench quality`` in its own process, logging to its own file."""
+    dataset, seed, model = job
+    log = out / "workers" / f"{dataset}_seed{seed}_{model}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "etegrec.bench", "quality", "--preset", preset, "--datasets", dataset,
+               "--seeds", str(seed), "--models", model, "--out", str(out), *overrides]
+    with open(log, "w", encoding="utf-8") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+
+def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, jobs: list[tuple[str, int, str]],
+                  result_file: Path, meta: dict[str, Any]) -> None:
+    """Build every seed folder here, then train up to ``args.parallel`` runs at once, one worker process each."""
+    from tqdm import tqdm
+
+    todo = [job for job in jobs if _run_key(*job) not in _read_result(result_file)["runs"]]
+    for dataset, seed in dict.fromkeys((d, s) for d, s, _ in todo):
+        start = time.perf_counter()
+        build_seed_folder(dataset, args.preset, seed, out, overrides)
+        _merge_result(result_file, {"runs": {}}, f"{dataset}/seed{seed}",
+                      {"wall_s": round(time.perf_counter() - start, 1)}, meta, section="builds")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the device's memory to the workers
+    for job in todo:
+        if job[2] == "SASRec":  # reads the metrics of the built SASRec: nothing to train
+            _run_job(args.preset, job, out, overrides, result_file, meta)
+    pending = [job for job in todo if job[2] != "SASRec"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
+    workers: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: set[str] = set()
+    bar = tqdm(total=len(pending), desc=f"quality benchmark, {args.parallel} at once", unit="run")
+    try:
+        while pending or workers:
+            for key, (proc, start) in list(workers.items()):
+                if proc.poll() is None:
+                    continue
+                del workers[key]
+                bar.update(1)
+                if proc.returncode:
+                    failed.add(key)
+                    logger.error("benchmark run %s failed (exit code %d); see %s", key, proc.returncode,
+                                 out / "workers")
+                else:
+                    logger.info("benchmark run %s done in %.0f s", key, time.perf_counter() - start)
+            runs = _read_result(result_file)["runs"]
+            for job in list(pending):
+                if len(workers) >= args.parallel:
+                    break
+                key = _run_key(*job)
+                if job[2] == "ETEGRec+GRPO" and (sft := _run_key(job[0], job[1], "ETEGRec")) not in runs:
+                    if sft in failed or (sft not in workers and all(_run_key(*j) != sft for j in pending)):
+                        pending.remove(job)
+                        failed.add(key)
+                        bar.update(1)
+                        logger.error("benchmark run %s needs the ETEGRec run %s, which did not finish", key, sft)
+                    continue  # starts once the ETEGRec run of its seed is in the result file
+                pending.remove(job)
+                logger.info("benchmark run %s starts in its own process", key)
+                workers[key] = (_start_worker(args.preset, job, out, overrides, env), time.perf_counter())
+            if pending or workers:
+                time.sleep(1.0)
+    finally:
+        for proc, _ in workers.values():  # interrupted: stop the workers too
+            proc.terminate()
+            proc.wait()
+        bar.close()
+
+
 def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Run (or resume) the quality benchmark and write its JSON and Markdown results."""
     from tqdm import tqdm
@@ -280,35 +402,15 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         seed_config(dataset, args.preset, args.seeds[0], out, overrides)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
-    state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
     meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
             "overrides": overrides}
     jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
-    for dataset, seed, model in tqdm(jobs, desc="quality benchmark", unit="run"):
-        key = f"{dataset}/seed{seed}/{model}"
-        if key in state["runs"]:
-            continue  # finished in an earlier invocation
-        lock = _claim(out / "running", key)
-        if lock is None:
-            logger.info("benchmark run %s is running in another process; skipped here", key)
-            continue
-        logger.info("benchmark run %s", key)
-        start = time.perf_counter()
-        try:
-            cfg = build_seed_folder(dataset, args.preset, seed, out, overrides)
-            result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
-        finally:
-            lock.release()
-        kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
-        entry = {k: v for k, v in result.items() if k in kept}
-        entry["wall_s"] = round(time.perf_counter() - start, 1)
-        state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
-    state = _merge_result(result_file, state, None, None, meta)
-    # The tables cover every finished run in the file, including other invocations' datasets and models.
-    datasets = list(dict.fromkeys(key.split("/")[0] for key in state["runs"]))
-    models = [m for m in MODELS if any(key.endswith(f"/{m}") for key in state["runs"])]
-    state["summary"] = summarise(state["runs"], datasets, models)
-    atomic_write_json(result_file, state)
+    if args.parallel > 1:
+        _run_parallel(args, overrides, out, jobs, result_file, meta)
+    else:
+        for job in tqdm(jobs, desc="quality benchmark", unit="run"):
+            _run_job(args.preset, job, out, overrides, result_file, meta)
+    state = _merge_result(result_file, {"runs": {}}, None, None, meta)
     table = markdown(state["summary"], state["meta"])
     atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
     print(table)
