@@ -270,3 +270,25 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Deadline:
+    """A wall-clock end for a run that can only stop between units of work (epochs, evaluations).
+
+    ``at`` is Unix seconds (None = no limit). The run records how long each kind of unit took (the longest
+    counts) and asks ``room_for`` before starting the next ones: a run stops at the first boundary from which
+    the coming units, as long as the longest so far, would end past ``at``.
+    """
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+        self.longest: dict[str, float] = {}
+
+    def record(self, unit: str, seconds: float) -> None:
+        self.longest[unit] = max(self.longest.get(unit, 0.0), seconds)
+
+    def room_for(self, *units: str) -> bool:
+        """Whether ``units`` (names given to ``record``; repeats count twice) fit before the deadline."""
+        if self.at is None:
+            return True
+        return time.time() + sum(self.longest.get(unit, 0.0) for unit in units) <= self.at

@@ -146,7 +146,7 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
                               models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path),
-                              parallel=1)
+                              parallel=1, time_budget=0.0, deadline=0.0)
     overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
     state = run_quality(args, overrides)
     saved = json.loads((tmp_path / "quality_tiny.json").read_text())
@@ -217,3 +217,27 @@ def test_parallel_runs_train_side_by_side_in_their_own_processes(shared_data: Pa
         assert f"benchmark run scientific/seed1/{model}" in log and "building missing artifact" not in log
     assert Path(tiger["checkpoint"]).parent != Path(ete["checkpoint"]).parent
     assert (tmp_path / "quality_tiny.md").read_text().count("| ETEGRec") == 2  # ETEGRec and ETEGRec+GRPO rows
+
+
+def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_data: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from etegrec.runtime import Deadline
+
+    overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]
+    args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1], models=["TIGER-style"],
+                              out=str(tmp_path), parallel=1, time_budget=3600.0, deadline=0.0)
+    with monkeypatch.context() as patch:  # the deadline is reached at the run's first epoch boundary
+        patch.setattr(Deadline, "room_for", lambda self, *units: False)
+        run_quality(args, overrides)
+    run = json.loads((tmp_path / "quality_tiny.json").read_text())["runs"]["scientific/seed1/TIGER-style"]
+    assert run["stopped_by_budget"] and run["epochs_done"] == 1
+    assert all(math.isfinite(run["test"][m]) for m in REPORTED)  # its best (only) model was tested
+
+    # budget already spent: the next run does not start; the tables still show what finished
+    args.models, args.time_budget = ["TIGER-style", "ETEGRec"], 1e-6
+    state = run_quality(args, overrides)
+    assert list(state["runs"]) == ["scientific/seed1/TIGER-style"]
+    assert state["meta"]["not_started"] == ["scientific/seed1/ETEGRec"]
+    table = (tmp_path / "quality_tiny.md").read_text()
+    assert "| TIGER-style (n=1, 1 stopped by the time budget) |" in table
+    assert "runs not started within it: scientific/seed1/ETEGRec" in table

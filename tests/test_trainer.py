@@ -123,6 +123,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, accelerator, monkeypatch, sto
     assert a["trainer"] == b["trainer"]
 
 
+def test_a_passed_deadline_stops_at_the_first_epoch_boundary_and_tests_a_validated_model(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=4, eval_step=2, finetune_epochs=2)
+    result = trainer.run(cfg, accelerator, deadline=time.time())
+
+    assert result["stopped_by_budget"] and result["epochs"] == 1
+    assert result["best_epoch"] == 0  # no validation was due after epoch 0: the stop validated that model
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result["test"].values())
+    last = torch.load(Path(result["run_dir"]) / "last.pt", weights_only=True)
+    assert last["trainer"]["stage"] == "alternating" and last["trainer"]["epochs_done"] == 1  # resumable
+    far = trainer.run(make_tiny_dataset(tmp_path / "far", epochs=2, finetune_epochs=0), accelerator,
+                      deadline=time.time() + 3600)
+    assert not far["stopped_by_budget"] and far["epochs"] == 2
+
+
 def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator) -> None:
     cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0)
     result = trainer.run(cfg, accelerator)

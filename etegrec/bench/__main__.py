@@ -26,6 +26,10 @@ def main(argv: list[str]) -> None:
     q.add_argument("--out", default="bench_results", help="result folder (relative to the repository root)")
     q.add_argument("--parallel", type=int, default=1,
                    help="trainings run at once, one process each, sharing the device (steps 1-3 are built first)")
+    q.add_argument("--time_budget", type=float, default=0.0,
+                   help="seconds for the whole benchmark: runs stop in time to test, later ones do not start (0 = none)")
+    q.add_argument("--deadline", type=float, default=0.0,
+                   help="Unix time by which runs end (what --parallel gives its workers; 0 = none)")
     s = sub.add_parser("speed", help="training/evaluation throughput, peak memory, HF generate comparison")
     s.add_argument("--dataset", default="beauty")
     s.add_argument("--beams", nargs="+", type=int, default=[1, 10, 20, 50])
@@ -36,7 +40,9 @@ def main(argv: list[str]) -> None:
     s.add_argument("--out", default="bench_results")
     args, overrides = parser.parse_known_args(argv)
     if args.command == "quality" and args.parallel < 1:
-        parser.error(f"--parallel {args.parallel}: give at least 1")
+        parser.error(f"--parallel {args.parallel}: give 1 or more")
+    if args.command == "quality" and args.time_budget < 0:
+        parser.error(f"--time_budget {args.time_budget}: give 0 (no budget) or more seconds")
     if args.command == "quality":
         from etegrec.bench.quality import run_quality
 

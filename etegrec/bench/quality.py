@@ -17,6 +17,11 @@ are built first, in this process, then the workers start; ETEGRec+GRPO starts on
 seed is in the result file. Every writer merges its run into the result file under a file lock, so runs of
 concurrent processes are never lost.
 
+``--time_budget SECONDS``: the benchmark ends cleanly within the budget. No run or build starts after the
+deadline; joint-training runs are given it and stop at an epoch boundary in time to test their best model
+(recorded with ``stopped_by_budget`` and ``epochs_done``); workers still running a grace period past the deadline
+are stopped (not recorded). The tables cover what finished.
+
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
 does (``matched_recommender_epochs``: 8 of the ``cpu`` preset's 16 with ``cycle=2``) and the same finetune
 phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
@@ -55,6 +60,7 @@ logger = logging.getLogger("etegrec.bench")
 
 REPORTED = ["recall@5", "ndcg@5", "recall@10", "ndcg@10"]
 MODELS = ["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"]
+KILL_GRACE_S = 30.0  # --parallel: a worker still running this long past the deadline is terminated
 
 # Published numbers on the exact Beauty split (TIGER paper, Rajput et al. 2023), as R@5 / N@5 / R@10 / N@10.
 PUBLISHED = {
@@ -188,8 +194,12 @@ def matched_recommender_epochs(cfg: Config) -> int:
     return max(1, training_epochs_of(cfg)[1])
 
 
-def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) -> dict[str, Any]:
-    """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}."""
+def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
+           deadline: float | None = None) -> dict[str, Any]:
+    """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}.
+
+    Joint-training runs stop in time for ``deadline`` (Unix seconds); GRPO runs are not deadline-aware.
+    """
     from etegrec.runtime import make_accelerator
 
     if model == "SASRec":
@@ -202,9 +212,10 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
         if model == "TIGER-style":
             cfg.train.epochs = matched_recommender_epochs(cfg)
             cfg.train.ablation = "no_ete"
-        result = train_joint(cfg, accelerator)
+        result = train_joint(cfg, accelerator, deadline)
         return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"],
-                "recommender_epoch_limit": training_epochs_of(cfg)[1]}
+                "recommender_epoch_limit": training_epochs_of(cfg)[1], "epochs_done": result["epochs"],
+                "stopped_by_budget": result["stopped_by_budget"]}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -238,17 +249,34 @@ def summarise(results: dict[str, Any], datasets: list[str], models: list[str]) -
     return summary
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    """Result tables: mean ± std over seeds, published rows beside them."""
-    lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}.", ""]
+def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any] | None = None,
+             builds: dict[str, Any] | None = None) -> str:
+    """Result tables: mean ± std over seeds, published rows beside them; then one line per run and build."""
+    lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}."]
+    if meta.get("time_budget_s"):
+        lines.append(f"Time budget {meta['time_budget_s']:.0f} s; runs not started within it: "
+                     f"{', '.join(meta.get('not_started', [])) or 'none'}.")
+    lines.append("")
     for dataset, models in summary.items():
         lines += [f"### {dataset} (test, full ranking, leave-one-out)", "", "| model | " + " | ".join(REPORTED) + " |",
                   "|---|" + "---|" * len(REPORTED)]
         for model, metrics in models.items():
             cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in REPORTED]
-            lines.append(f"| {model} (n={next(iter(metrics.values()))['n'] if metrics else 0}) | " + " | ".join(cells) + " |")
+            stopped = sum(1 for k, r in (runs or {}).items()
+                          if k.startswith(f"{dataset}/") and k.endswith(f"/{model}") and r.get("stopped_by_budget"))
+            note = f", {stopped} stopped by the time budget" if stopped else ""
+            n = next(iter(metrics.values()))["n"] if metrics else 0
+            lines.append(f"| {model} (n={n}{note}) | " + " | ".join(cells) + " |")
         for model, metrics in PUBLISHED.get(dataset, {}).items():
             lines.append(f"| {model} | " + " | ".join(f"{metrics[m]:.4f}" for m in REPORTED) + " |")
+        lines.append("")
+    if runs or builds:
+        lines += ["| run | wall time | epochs | end |", "|---|---|---|---|"]
+        for key, build in (builds or {}).items():
+            lines.append(f"| {key}: steps 1-3 | {build['wall_s']:.0f} s | | built |")
+        for key, run in (runs or {}).items():
+            end = "stopped by the time budget" if run.get("stopped_by_budget") else "finished"
+            lines.append(f"| {key} | {run.get('wall_s', 0):.0f} s | {run.get('epochs_done', '')} | {end} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -294,14 +322,22 @@ def _run_key(dataset: str, seed: int, model: str) -> str:
     return f"{dataset}/seed{seed}/{model}"
 
 
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
 def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], result_file: Path,
-             meta: dict[str, Any]) -> None:
+             meta: dict[str, Any], deadline: float | None) -> None:
     """Build the seed folder if needed, train one (dataset, seed, model) and merge it into the result file."""
     dataset, seed, model = job
     key = _run_key(*job)
     runs = _read_result(result_file)["runs"]
     if key in runs:
         return  # finished in an earlier invocation
+    if _past(deadline):
+        logger.warning("benchmark run %s not started: the time budget is spent", key)
+        meta.setdefault("not_started", []).append(key)
+        return
     lock = _claim(out / "running", key)
     if lock is None:
         logger.info("benchmark run %s is running in another process; skipped here", key)
@@ -310,35 +346,43 @@ def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[
     start, started_at = time.perf_counter(), time.time()
     try:
         cfg = build_seed_folder(dataset, preset, seed, out, overrides)
-        result = _train(cfg, model, runs, f"{dataset}/seed{seed}")
+        result = _train(cfg, model, runs, f"{dataset}/seed{seed}", deadline)
     finally:
         lock.release()
-    kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
+    kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit", "epochs_done",
+            "stopped_by_budget")
     entry = {k: v for k, v in result.items() if k in kept}
     entry.update(wall_s=round(time.perf_counter() - start, 1), started_at=round(started_at, 1),
                  finished_at=round(time.time(), 1))
     _merge_result(result_file, {"runs": {}}, key, json.loads(json.dumps(entry, default=str)), meta)
 
 
-def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str],
-                  env: dict[str, str]) -> subprocess.Popen:
+def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], env: dict[str, str],
+                  deadline: float | None) -> subprocess.Popen:
     """One run as ``python -m etegrec.bench quality`` in its own process, logging to its own file."""
     dataset, seed, model = job
     log = out / "workers" / f"{dataset}_seed{seed}_{model}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "etegrec.bench", "quality", "--preset", preset, "--datasets", dataset,
                "--seeds", str(seed), "--models", model, "--out", str(out), *overrides]
+    if deadline is not None:
+        command += ["--deadline", repr(deadline)]
     with open(log, "w", encoding="utf-8") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
 def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, jobs: list[tuple[str, int, str]],
-                  result_file: Path, meta: dict[str, Any]) -> None:
-    """Build every seed folder here, then train up to ``args.parallel`` runs at once, one worker process each."""
+                  result_file: Path, meta: dict[str, Any], deadline: float | None) -> None:
+    """Build every seed folder here, then train up to ``args.parallel`` runs at once, one worker process each.
+
+    Workers still running ``KILL_GRACE_S`` past the deadline are terminated (their runs are not recorded).
+    """
     from tqdm import tqdm
 
     todo = [job for job in jobs if _run_key(*job) not in _read_result(result_file)["runs"]]
     for dataset, seed in dict.fromkeys((d, s) for d, s, _ in todo):
+        if _past(deadline):
+            break  # the runs of unbuilt seeds are reported as not started below
         start = time.perf_counter()
         build_seed_folder(dataset, args.preset, seed, out, overrides)
         _merge_result(result_file, {"runs": {}}, f"{dataset}/seed{seed}",
@@ -347,7 +391,7 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
         torch.cuda.empty_cache()  # leave the device's memory to the workers
     for job in todo:
         if job[2] == "SASRec":  # reads the metrics of the built SASRec: nothing to train
-            _run_job(args.preset, job, out, overrides, result_file, meta)
+            _run_job(args.preset, job, out, overrides, result_file, meta, deadline)
     pending = [job for job in todo if job[2] != "SASRec"]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
@@ -356,6 +400,18 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
     bar = tqdm(total=len(pending), desc=f"quality benchmark, {args.parallel} at once", unit="run")
     try:
         while pending or workers:
+            if _past(deadline) and pending:
+                logger.warning("time budget spent: %d run(s) not started", len(pending))
+                meta.setdefault("not_started", []).extend(_run_key(*job) for job in pending)
+                bar.update(len(pending))
+                pending = []
+            if deadline is not None and time.time() > deadline + KILL_GRACE_S:
+                for key, (proc, _) in workers.items():
+                    if key not in failed:
+                        logger.error("benchmark run %s still running %.0f s past the deadline: stopped", key,
+                                     KILL_GRACE_S)
+                        failed.add(key)
+                        proc.terminate()
             for key, (proc, start) in list(workers.items()):
                 if proc.poll() is None:
                     continue
@@ -381,7 +437,7 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
                     continue  # starts once the ETEGRec run of its seed is in the result file
                 pending.remove(job)
                 logger.info("benchmark run %s starts in its own process", key)
-                workers[key] = (_start_worker(args.preset, job, out, overrides, env), time.perf_counter())
+                workers[key] = (_start_worker(args.preset, job, out, overrides, env, deadline), time.perf_counter())
             if pending or workers:
                 time.sleep(1.0)
     finally:
@@ -389,6 +445,13 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
             proc.terminate()
             proc.wait()
         bar.close()
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    """Unix seconds by which everything ends: ``--time_budget`` from now, or a parent's ``--deadline``."""
+    ends = [time.time() + args.time_budget] if args.time_budget else []
+    ends += [args.deadline] if args.deadline else []
+    return min(ends) if ends else None
 
 
 def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -404,14 +467,17 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
             "overrides": overrides}
+    deadline = _deadline(args)
+    if args.time_budget:
+        meta["time_budget_s"] = args.time_budget
     jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
     if args.parallel > 1:
-        _run_parallel(args, overrides, out, jobs, result_file, meta)
+        _run_parallel(args, overrides, out, jobs, result_file, meta, deadline)
     else:
         for job in tqdm(jobs, desc="quality benchmark", unit="run"):
-            _run_job(args.preset, job, out, overrides, result_file, meta)
+            _run_job(args.preset, job, out, overrides, result_file, meta, deadline)
     state = _merge_result(result_file, {"runs": {}}, None, None, meta)
-    table = markdown(state["summary"], state["meta"])
+    table = markdown(state["summary"], state["meta"], state["runs"], state["builds"])
     atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
     print(table)
     return state

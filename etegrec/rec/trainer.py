@@ -13,6 +13,8 @@
    ``finetune_early_stop`` evaluations (one per epoch) pass without improvement or ``finetune_epochs`` end.
 
 Finally the best model is tested and printed beside the popularity baseline (and SASRec when available).
+With a deadline (``run(..., deadline=)``, set by the benchmark's ``--time_budget``) training stops at the first
+epoch boundary from which another epoch, a validation and the test would not fit, and the best model is tested.
 
 Multi-process (accelerate, DDP-style): every process holds both models and trains on its share of each
 epoch's batches; gradients are averaged over processes with one all-reduce per optimizer step. DDP wrappers
@@ -57,6 +59,7 @@ from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
 from etegrec.runtime import (
+    Deadline,
     peak_memory_mb,
     resumed_config,
     seed_epoch,
@@ -146,6 +149,7 @@ class JointTrainer:
 
         self._build_optimizers()
         self.state = TrainerState()
+        self.budget = Deadline(None)  # fit() sets the run's deadline
         if resume is not None:
             self._restore(resume)
 
@@ -464,6 +468,7 @@ class JointTrainer:
         s, tc = self.state, self.cfg.train
         start = time.perf_counter()
         metrics = self._evaluate("valid")
+        self.budget.record("eval", time.perf_counter() - start)
         score = metrics[tc.valid_metric]
         improved = score > s.best_score
         if improved:
@@ -507,16 +512,50 @@ class JointTrainer:
         return plan_epoch(self.state.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
                           converged=converged, weights=self.weights, warm_phase=tc.warm_phase)
 
-    def fit(self) -> dict[str, Any]:
-        """Run (or continue) both stages, test the best model, return the metrics."""
+    def _out_of_time(self) -> bool:
+        """Whether another epoch, a validation and the test would end past the deadline (same on every process)."""
+        if self.budget.at is None or self.state.stage == "done":
+            return False
+        stop = not self.budget.room_for("epoch", "eval", "eval")
+        if self.world > 1:  # clocks differ a little between processes: the main process decides for all
+            from accelerate.utils import broadcast_object_list
+
+            flag = [stop]
+            broadcast_object_list(flag, from_process=0)
+            stop = bool(flag[0])
+        return stop
+
+    def _stop_for_budget(self) -> None:
+        """Leave the training loops for the test; validate first when no best model exists yet."""
+        s = self.state
+        logger.info("time budget: stopping after %d epochs (%s stage, epoch %d): one more epoch, a validation and "
+                    "the test would end past the deadline", s.epochs_done, s.stage, s.epoch)
+        if s.best_epoch < 0:  # validated as the epoch just trained, as the loop would have done
+            s.epochs_done -= 1
+            self._validate(s.stage, self.cfg.train.early_stop)
+            s.epochs_done += 1
+            self._save("last.pt", s.stage, s.best_metrics)
+
+    def fit(self, deadline: float | None = None) -> dict[str, Any]:
+        """Run (or continue) both stages, test the best model, return the metrics.
+
+        ``deadline`` (Unix seconds, None = none): training stops at the first epoch boundary from which one more
+        epoch, a validation and the test (each as long as the longest so far) would end past it; the best model
+        (validated then if no validation has run yet) is tested, and the result says ``stopped_by_budget``.
+        ``last.pt`` keeps the stage, so ``--resume`` continues such a run.
+        """
         s, tc = self.state, self.cfg.train
+        self.budget = Deadline(deadline)
         start = time.perf_counter()
-        while s.stage == "alternating":
+        stopped = False
+        while s.stage == "alternating" and not stopped:
+            epoch_start = time.perf_counter()
             plan = self._plan(converged=False)
             if any(plan.weights):
                 self._train_epoch(plan)
             if plan.refresh_codes:
                 self._refresh_codes()
+            self.budget.record("epoch", time.perf_counter() - epoch_start)
             last = s.epoch + 1 >= tc.epochs
             if (s.epoch + 1) % tc.eval_step == 0 or (last and s.best_epoch < 0):
                 self._validate(plan.phase, tc.early_stop)
@@ -530,9 +569,12 @@ class JointTrainer:
                 )
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
-        while s.stage == "finetune":
+            stopped = self._out_of_time()
+        while s.stage == "finetune" and not stopped:
+            epoch_start = time.perf_counter()
             plan = self._plan(converged=True)
             self._train_epoch(plan)
+            self.budget.record("epoch", time.perf_counter() - epoch_start)
             self._validate(plan.phase, tc.finetune_early_stop)
             s.epoch += 1
             s.epochs_done += 1
@@ -540,9 +582,12 @@ class JointTrainer:
                 logger.info("finetune stage done after %d epochs", s.epoch)
                 s.stage = "done"
             self._save("last.pt", plan.phase, s.best_metrics)
-        return self._test(time.perf_counter() - start)
+            stopped = self._out_of_time()
+        if stopped:
+            self._stop_for_budget()
+        return self._test(time.perf_counter() - start, stopped)
 
-    def _test(self, seconds: float) -> dict[str, Any]:
+    def _test(self, seconds: float, stopped_by_budget: bool) -> dict[str, Any]:
         from etegrec.pipeline import comparison_table
 
         tc = self.cfg.train
@@ -569,11 +614,15 @@ class JointTrainer:
             "test": test,
             "best_epoch": self.state.best_epoch,
             "epochs": self.state.epochs_done,
+            "stopped_by_budget": stopped_by_budget,
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
 
 
-def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
-    """Joint training (both stages) and test; returns ``{"valid", "test", "best_epoch", "run_dir", ...}``."""
-    return JointTrainer(cfg, accelerator).fit()
+def run(cfg: Config, accelerator: Any, deadline: float | None = None) -> dict[str, Any]:
+    """Joint training (both stages) and test; returns ``{"valid", "test", "best_epoch", "run_dir", ...}``.
+
+    ``deadline``: Unix seconds by which the run stops at an epoch boundary and tests (``JointTrainer.fit``).
+    """
+    return JointTrainer(cfg, accelerator).fit(deadline)
