@@ -194,29 +194,44 @@ def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
     assert _prepared_seed_folder("beauty", "tiny", tmp_path, []) is None
 
 
-def test_parallel_runs_train_side_by_side_in_their_own_processes(shared_data: Path, tmp_path: Path) -> None:
+def test_gpu_command_runs_every_step_and_both_trainings_side_by_side(shared_data: Path, tmp_path: Path) -> None:
+    # The GPU command as a fresh GPU machine runs it, with the tiny preset on the CPU.
     from etegrec.bench.__main__ import main
 
-    main(["quality", "--preset", "tiny", "--datasets", "scientific", "--seeds", "1", "--models", "TIGER-style",
-          "ETEGRec", "ETEGRec+GRPO", "--parallel", "2", "--out", str(tmp_path),
-          f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"])
+    main(["gpu", "--preset", "tiny", "--dataset", "scientific", "--seed", "1", "--time_budget", "1800",
+          "--out", str(tmp_path), f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"])
     saved = json.loads((tmp_path / "quality_tiny.json").read_text())
     runs = {key.split("/")[-1]: run for key, run in saved["runs"].items()}
-    assert set(runs) == {"TIGER-style", "ETEGRec", "ETEGRec+GRPO"}
-    tiger, ete, grpo = runs["TIGER-style"], runs["ETEGRec"], runs["ETEGRec+GRPO"]
+    assert set(runs) == {"SASRec", "TIGER-style", "ETEGRec"}
+    tiger, ete = runs["TIGER-style"], runs["ETEGRec"]
     assert tiger["started_at"] < ete["finished_at"] and ete["started_at"] < tiger["finished_at"]  # side by side
-    assert grpo["started_at"] >= ete["finished_at"]  # GRPO starts from the finished ETEGRec checkpoint
-    assert saved["summary"]["scientific"]["ETEGRec"]["ndcg@10"]["n"] == 1
+    assert not tiger["stopped_by_budget"] and not ete["stopped_by_budget"]
+    for run in runs.values():
+        assert all(0.0 <= run["test"][m] <= 1.0 for m in REPORTED)
     # steps 1-3 were built once, by the invocation, before the workers started
     seed_folder = tmp_path / "tiny" / "scientific" / "seed1"
     assert list(saved["builds"]) == ["scientific/seed1"]
     assert len([p for p in (seed_folder / "rqvae" / "scientific").iterdir() if p.is_dir()]) == 1
-    # each run has its own process log and its own run folder
-    for model in runs:
+    # each training has its own process log (told the deadline) and its own run folder
+    for model in ("TIGER-style", "ETEGRec"):
         log = (tmp_path / "workers" / f"scientific_seed1_{model}.log").read_text()
-        assert f"benchmark run scientific/seed1/{model}" in log and "building missing artifact" not in log
+        assert f"benchmark run scientific/seed1/{model}" in log and "the benchmark ends by" in log
+        assert "building missing artifact" not in log
     assert Path(tiger["checkpoint"]).parent != Path(ete["checkpoint"]).parent
-    assert (tmp_path / "quality_tiny.md").read_text().count("| ETEGRec") == 2  # ETEGRec and ETEGRec+GRPO rows
+    table = (tmp_path / "quality_tiny.md").read_text()
+    assert "Time budget 1800 s, used " in table and "runs not started within it: none." in table
+    assert 0 < saved["meta"]["wall_s"] < 1800
+    assert "| scientific/seed1: steps 1-3 |" in table and "| ETEGRec (n=1) |" in table
+
+
+def test_grpo_waits_for_the_etegrec_run_of_its_seed() -> None:
+    from etegrec.bench.quality import _ready
+
+    grpo = ("d", 1, "ETEGRec+GRPO")
+    assert _ready(("d", 1, "ETEGRec"), {}, set()) is True
+    assert _ready(grpo, {}, {"d/seed1/ETEGRec"}) is False  # ETEGRec pending or running: wait
+    assert _ready(grpo, {"d/seed1/ETEGRec": {}}, set()) is True
+    assert _ready(grpo, {"d/seed2/ETEGRec": {}}, {"d/seed2/ETEGRec+GRPO"}) is None  # never: no ETEGRec of seed 1
 
 
 def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_data: Path, tmp_path: Path,

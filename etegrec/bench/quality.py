@@ -60,6 +60,7 @@ logger = logging.getLogger("etegrec.bench")
 
 REPORTED = ["recall@5", "ndcg@5", "recall@10", "ndcg@10"]
 MODELS = ["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"]
+GPU_MODELS = ["SASRec", "TIGER-style", "ETEGRec"]  # `python -m etegrec.bench gpu`: the last two side by side
 KILL_GRACE_S = 30.0  # --parallel: a worker still running this long past the deadline is terminated
 
 # Published numbers on the exact Beauty split (TIGER paper, Rajput et al. 2023), as R@5 / N@5 / R@10 / N@10.
@@ -87,6 +88,18 @@ PRESETS: dict[str, list[str]] = {
         # tokenizer epoch that did not lower L_SQ; 1e-5 gave ~8% (on Beauty, 24% in the first 128-step epoch).
         "--lr_id=1e-5",
         "--grpo_epochs=2", "--grpo_early_stop=1", "--grpo_batch_size=128", "--grpo_epoch_updates=300",
+    ],
+    # gpu: the paper's model size (SASRec 256-d, 4 layers; RQ-VAE 3 x 256 codes on SASRec + text vectors; T5 6+6,
+    # d_model 128) with a plain fast recipe, for `python -m etegrec.bench gpu` (a 9-minute command on one GPU):
+    # batch 1024 at lr_rec = 1e-3 * sqrt(batch_size / 256) = 2e-3 (square-root scaling of the cpu recipe's 1e-3 at
+    # batch 256), constant after a 100-step warm-up, weight decay 1e-4, finetune at half that rate. The epoch counts
+    # are upper bounds: the time budget ends joint training. On an H200 (README, before the fast training path)
+    # 10 SASRec epochs took 94 s and an RQ-VAE epoch 0.18 s.
+    "gpu": [
+        "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=200",
+        "--batch_size=1024", "--lr_rec=0.002", "--lr_scheduler_type=constant", "--warmup_steps=100",
+        "--weight_decay=0.0001", "--finetune_lr=0.001", "--lr_id=1e-5", "--warm_epoch=4", "--early_stop=10",
+        "--finetune_early_stop=5", "--eval_batch_size=1024",
     ],
     "tiny": [  # seconds-scale run used by the test suite: tiny models, few epochs, collaborative input only
         "--max_his_len=5", "--sasrec_hidden_size=32", "--sasrec_layers=1", "--sasrec_heads=1", "--sasrec_epochs=1",
@@ -254,8 +267,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]
     """Result tables: mean ± std over seeds, published rows beside them; then one line per run and build."""
     lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}."]
     if meta.get("time_budget_s"):
-        lines.append(f"Time budget {meta['time_budget_s']:.0f} s; runs not started within it: "
-                     f"{', '.join(meta.get('not_started', [])) or 'none'}.")
+        lines.append(f"Time budget {meta['time_budget_s']:.0f} s, used {meta.get('wall_s', 0):.0f} s; runs not "
+                     f"started within it: {', '.join(meta.get('not_started', [])) or 'none'}.")
     lines.append("")
     for dataset, models in summary.items():
         lines += [f"### {dataset} (test, full ranking, leave-one-out)", "", "| model | " + " | ".join(REPORTED) + " |",
@@ -371,6 +384,18 @@ def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: 
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
+def _ready(job: tuple[str, int, str], finished: dict[str, Any], scheduled: set[str]) -> bool | None:
+    """Whether ``job`` may start now: ETEGRec+GRPO waits for the ETEGRec run of its seed to finish (``finished``
+    = the result file's runs), and can never start (None) when that run is neither finished nor ``scheduled``
+    (pending or running)."""
+    if job[2] != "ETEGRec+GRPO":
+        return True
+    sft = _run_key(job[0], job[1], "ETEGRec")
+    if sft in finished:
+        return True
+    return False if sft in scheduled else None
+
+
 def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, jobs: list[tuple[str, int, str]],
                   result_file: Path, meta: dict[str, Any], deadline: float | None) -> None:
     """Build every seed folder here, then train up to ``args.parallel`` runs at once, one worker process each.
@@ -428,13 +453,14 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
                 if len(workers) >= args.parallel:
                     break
                 key = _run_key(*job)
-                if job[2] == "ETEGRec+GRPO" and (sft := _run_key(job[0], job[1], "ETEGRec")) not in runs:
-                    if sft in failed or (sft not in workers and all(_run_key(*j) != sft for j in pending)):
-                        pending.remove(job)
-                        failed.add(key)
-                        bar.update(1)
-                        logger.error("benchmark run %s needs the ETEGRec run %s, which did not finish", key, sft)
-                    continue  # starts once the ETEGRec run of its seed is in the result file
+                ready = _ready(job, runs, {_run_key(*j) for j in pending} | set(workers))
+                if ready is None:
+                    pending.remove(job)
+                    failed.add(key)
+                    bar.update(1)
+                    logger.error("benchmark run %s needs the ETEGRec run of its seed, which did not finish", key)
+                if not ready:
+                    continue
                 pending.remove(job)
                 logger.info("benchmark run %s starts in its own process", key)
                 workers[key] = (_start_worker(args.preset, job, out, overrides, env, deadline), time.perf_counter())
@@ -460,22 +486,26 @@ def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
 
     from etegrec.runtime import setup_logging
 
+    start = time.perf_counter()
     out = resolve_path(args.out)
     for dataset in args.datasets:  # a missing dataset config or a bad override stops here, before any run
         seed_config(dataset, args.preset, args.seeds[0], out, overrides)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
     meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
-            "overrides": overrides}
+            "torch": torch.__version__, "overrides": overrides}
     deadline = _deadline(args)
     if args.time_budget:
         meta["time_budget_s"] = args.time_budget
+    if deadline is not None:
+        logger.info("time budget: the benchmark ends by %s", time.strftime("%H:%M:%S", time.localtime(deadline)))
     jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
     if args.parallel > 1:
         _run_parallel(args, overrides, out, jobs, result_file, meta, deadline)
     else:
         for job in tqdm(jobs, desc="quality benchmark", unit="run"):
             _run_job(args.preset, job, out, overrides, result_file, meta, deadline)
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
     state = _merge_result(result_file, {"runs": {}}, None, None, meta)
     table = markdown(state["summary"], state["meta"], state["runs"], state["builds"])
     atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
