@@ -11,12 +11,14 @@ Accelerator is told to use the CPU; with ``cpu=True`` they form one gloo process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -292,3 +294,21 @@ class Deadline:
         if self.at is None:
             return True
         return time.time() + sum(self.longest.get(unit, 0.0) for unit in units) <= self.at
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core matmuls for float32 work on CUDA inside the block (inputs rounded to a 10-bit mantissa,
+    fp32 accumulation); the previous setting comes back afterwards, so decoding and code refreshes stay fp32.
+    CPU matmuls are not affected either way."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -45,6 +45,21 @@ def histories(item_codes: torch.Tensor, lengths: list[int], seed: int = 1) -> to
     return out
 
 
+def test_masks_given_as_views_give_the_same_states_as_transformers_2d_masks() -> None:
+    # The model hands transformers (B, 1, 1, S) masks (no host sync); its own 2D-mask path must agree exactly.
+    model = tiny_model()
+    for lengths in ([3, 1, 2], [2, 2, 2]):  # with padding, and with none (transformers then drops the mask)
+        history = histories(catalogue(10), lengths)
+        mask = history >= 0
+        enc = model.encode(history)
+        reference = model.t5.encoder(inputs_embeds=model._embed_codes(history), attention_mask=mask)
+        assert torch.equal(enc.hidden, reference.last_hidden_state)
+        prefix = catalogue(10)[: len(lengths), :2]
+        dec = model.t5.decoder(inputs_embeds=model.decoder_inputs(prefix), encoder_hidden_states=enc.hidden,
+                               encoder_attention_mask=mask)
+        assert torch.equal(model.decode(enc, prefix).hidden, dec.last_hidden_state)
+
+
 # -------------------------------------------------------------------------------------------------- trie
 def test_trie_tables_by_hand() -> None:
     codes = torch.tensor([[0, 1], [0, 2], [2, 0]])  # items 1, 2, 3; K = 3

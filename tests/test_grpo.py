@@ -128,8 +128,10 @@ def test_masked_log_softmax_and_exact_kl_by_hand():
 def _batch(codes, history, target):
     """A training batch: histories (B, S), target ids (B,) and their codes (B, C)."""
     from etegrec.rec.data import Batch
+    from etegrec.rec.losses import first_occurrence
 
-    return Batch(history_codes=history, target_codes=codes.table[target], target=target)
+    return Batch(history_codes=history, target_codes=codes.table[target], target=target,
+                 distinct=first_occurrence(target))
 
 
 def _tiny_model_and_trie(seed: int = 0):

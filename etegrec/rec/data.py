@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from etegrec.artifacts import SplitData, load_item_vectors
 from etegrec.config import Config
+from etegrec.rec.losses import first_occurrence
 from etegrec.tokenizer.item_codes import ItemCodes
 
 
@@ -40,6 +41,7 @@ class Batch(NamedTuple):
     history_codes: Tensor  # (B, T*C) long, item-aligned, -1 = padding
     target_codes: Tensor  # (B, C) long
     target: Tensor  # (B,) long target item ids (1..N)
+    distinct: Tensor  # (M,) long rows holding the first occurrence of each distinct target, by target id
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device``."""
@@ -93,7 +95,10 @@ class SequenceDataset(Dataset):
 
 
 class CodeCollator:
-    """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops)."""
+    """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops).
+
+    The distinct-target rows are found here, on the host: ``torch.unique`` on a GPU would wait for the device.
+    """
 
     def __init__(self, codes: ItemCodes) -> None:
         self.table = codes.table  # (N+1, C), updated in place; only the tensor travels to DataLoader workers
@@ -105,6 +110,7 @@ class CodeCollator:
             history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*C)
             target_codes=table[items.target],  # (B, C)
             target=items.target,
+            distinct=first_occurrence(items.target),  # (M,)
         )
 
 
@@ -203,8 +209,12 @@ def train_loader(
     num_replicas: int = 1,
     rank: int = 0,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``)."""
+    """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``).
+
+    ``pin_memory`` (for a CUDA device) lets ``Batch.to`` copy without blocking the host.
+    """
     sampler = BucketBatchSampler(
         dataset.lengths,
         batch_size,
@@ -216,7 +226,8 @@ def train_loader(
         num_replicas=num_replicas,
         rank=rank,
     )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers,
+                      pin_memory=pin_memory)
 
 
 def eval_loader(dataset: SequenceDataset, codes: ItemCodes, batch_size: int, *, num_workers: int = 0) -> DataLoader:
