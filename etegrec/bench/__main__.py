@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     q.add_argument("--parallel", type=int, default=1,
                    help="trainings run at once, one process each, sharing the device (steps 1-3 are built first)")
     q.add_argument("--time_budget", type=float, default=0.0,
-                   help="seconds for the whole benchmark: runs stop in time to test, later ones do not start (0 = none)")
+                   help="seconds for the whole benchmark: runs stop in time to test, later ones don't start (0 = none)")
     q.add_argument("--deadline", type=float, default=0.0,
                    help="Unix time by which runs end (what --parallel gives its workers; 0 = none)")
     g = sub.add_parser("gpu", help="a fresh GPU machine, one command: steps 1-3, then TIGER-style and ETEGRec "

@@ -35,8 +35,8 @@ Deviations from the reference code:
   subset of records per epoch (``epoch_records``) and ``torch.compile`` of the recommender (``compile``).
 
 Fast path on CUDA (the CPU path is the plain one): bfloat16 autocast of the recommender with fp32 master weights
-(``bf16: auto``), TF32 matmuls while training, fused AdamW, pinned batches copied without blocking, and no host
-synchronisation per step: loss parts are summed on the device (``LossSums``) and read every ``sync_every``
+(``bf16: auto``), TF32 matmuls while training, fused AdamW, batches gathered on the device
+(``data.DeviceBatches``), and no host synchronisation per step: loss parts are summed on the device (``LossSums``) and read every ``sync_every``
 optimiser steps (auto: 50) for the NaN check, TensorBoard and the progress bar; a non-finite loss is reported
 with its part and the range of steps it fell in. On CPU every step is read, as before.
 """
@@ -211,7 +211,7 @@ class JointTrainer:
             num_replicas=self.world,
             rank=self.rank,
             num_workers=tc.num_workers,
-            pin_memory=self.device.type == "cuda",
+            device=self.device,
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
