@@ -19,7 +19,8 @@ epoch boundary from which another epoch, a validation and the test would not fit
 Multi-process (accelerate, DDP-style): every process holds both models and trains on its share of each
 epoch's batches; gradients are averaged over processes with one all-reduce per optimizer step. DDP wrappers
 are not used because which model trains changes every epoch (DDP fixes its parameter set at wrap time). The
-loss parts are averaged over processes every step, so a non-finite loss stops all processes at the same step.
+loss parts are averaged over processes whenever they are read, so a non-finite loss stops all processes at the
+same step.
 
 Deviations from the reference code:
 * Frozen models are run under ``no_grad`` in eval mode; terms with weight 0 are not computed; the tokenizer runs
@@ -36,9 +37,10 @@ Deviations from the reference code:
 
 Fast path on CUDA (the CPU path is the plain one): bfloat16 autocast of the recommender with fp32 master weights
 (``bf16: auto``), TF32 matmuls while training, fused AdamW, batches gathered on the device
-(``data.DeviceBatches``), and no host synchronisation per step: loss parts are summed on the device (``LossSums``) and read every ``sync_every``
-optimiser steps (auto: 50) for the NaN check, TensorBoard and the progress bar; a non-finite loss is reported
-with its part and the range of steps it fell in. On CPU every step is read, as before.
+(``data.DeviceBatches``), and no host synchronisation per step: loss parts are summed on the device
+(``LossSums``) and read every ``sync_every`` optimiser steps (auto: 50) for the NaN check, TensorBoard and the
+progress bar; a non-finite loss is reported with its part and the range of steps it fell in. On CPU every step
+is read, as before.
 """
 
 from __future__ import annotations
