@@ -279,7 +279,8 @@ class Deadline:
 
     ``at`` is Unix seconds (None = no limit). The run records how long each kind of unit took (the longest
     counts) and asks ``room_for`` before starting the next ones: a run stops at the first boundary from which
-    the coming units, as long as the longest so far, would end past ``at``.
+    the coming units, as long as the longest so far, would end past ``at``. With several processes the main
+    process's answer holds for all (their clocks differ a little, and they must stop at the same boundary).
     """
 
     def __init__(self, at: float | None) -> None:
@@ -289,11 +290,18 @@ class Deadline:
     def record(self, unit: str, seconds: float) -> None:
         self.longest[unit] = max(self.longest.get(unit, 0.0), seconds)
 
-    def room_for(self, *units: str) -> bool:
+    def room_for(self, *units: str, accelerator: Any = None) -> bool:
         """Whether ``units`` (names given to ``record``; repeats count twice) fit before the deadline."""
         if self.at is None:
             return True
-        return time.time() + sum(self.longest.get(unit, 0.0) for unit in units) <= self.at
+        fits = time.time() + sum(self.longest.get(unit, 0.0) for unit in units) <= self.at
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            flag = [fits]
+            broadcast_object_list(flag, from_process=0)
+            fits = bool(flag[0])
+        return fits
 
 
 @contextlib.contextmanager

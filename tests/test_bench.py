@@ -242,7 +242,7 @@ def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1], models=["TIGER-style"],
                               out=str(tmp_path), parallel=1, time_budget=3600.0, deadline=0.0)
     with monkeypatch.context() as patch:  # the deadline is reached at the run's first epoch boundary
-        patch.setattr(Deadline, "room_for", lambda self, *units: False)
+        patch.setattr(Deadline, "room_for", lambda self, *units, accelerator=None: False)
         run_quality(args, overrides)
     run = json.loads((tmp_path / "quality_tiny.json").read_text())["runs"]["scientific/seed1/TIGER-style"]
     assert run["stopped_by_budget"] and run["epochs_done"] == 1

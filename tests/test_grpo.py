@@ -353,6 +353,20 @@ def test_short_run_changes_policy_and_never_keeps_worse_than_sft(sft_checkpoint)
     assert kept.raw["metrics"]["test"] == summary["grpo"]["test"]
 
 
+def test_a_passed_deadline_stops_grpo_after_one_epoch_and_tests_the_kept_model(sft_checkpoint):
+    import time
+
+    from etegrec.grpo.trainer import run
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    summary = run(_grpo_cfg(path, "--grpo_epochs=5"), make_accelerator(), deadline=time.time())
+    assert summary["stopped_by_budget"] and summary["epochs"] == 1
+    assert all(0.0 <= v <= 1.0 for v in summary["grpo"]["test"].values())
+    last = torch.load(Path(summary["run_dir"]) / "last.pt", weights_only=True)
+    assert not last["trainer"]["done"]  # resumable
+
+
 def test_kept_checkpoint_is_the_sft_model_when_grpo_only_hurts(sft_checkpoint):
     from etegrec.grpo.trainer import run
     from etegrec.rec.checkpoint import read_joint

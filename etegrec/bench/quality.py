@@ -18,7 +18,7 @@ seed is in the result file. Every writer merges its run into the result file und
 concurrent processes are never lost.
 
 ``--time_budget SECONDS``: the benchmark ends cleanly within the budget. No run or build starts after the
-deadline; joint-training runs are given it and stop at an epoch boundary in time to test their best model
+deadline; training runs (joint and GRPO) are given it and stop at an epoch boundary in time to test their model
 (recorded with ``stopped_by_budget`` and ``epochs_done``); workers still running a grace period past the deadline
 are stopped (not recorded). The tables cover what finished.
 
@@ -211,7 +211,7 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
            deadline: float | None = None) -> dict[str, Any]:
     """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}.
 
-    Joint-training runs stop in time for ``deadline`` (Unix seconds); GRPO runs are not deadline-aware.
+    Training runs stop at an epoch boundary in time to test before ``deadline`` (Unix seconds).
     """
     from etegrec.runtime import make_accelerator
 
@@ -236,9 +236,10 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
         if not sft:
             raise ConfigError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
         cfg.grpo.sft_ckpt = sft
-        result = train_grpo(cfg, accelerator)
+        result = train_grpo(cfg, accelerator, deadline)
         return {"valid": result["grpo"]["valid"], "test": result["grpo"]["test"],
-                "sft_valid": result["sft"]["valid"], "sft_test": result["sft"]["test"]}
+                "sft_valid": result["sft"]["valid"], "sft_test": result["sft"]["test"],
+                "epochs_done": result["epochs"], "stopped_by_budget": result["stopped_by_budget"]}
     raise ValueError(f"unknown model {model!r}; use SASRec, TIGER-style, ETEGRec or ETEGRec+GRPO")
 
 

@@ -592,16 +592,9 @@ class JointTrainer:
 
     def _out_of_time(self) -> bool:
         """Whether another epoch, a validation and the test would end past the deadline (same on every process)."""
-        if self.budget.at is None or self.state.stage == "done":
+        if self.state.stage == "done":
             return False
-        stop = not self.budget.room_for("epoch", "eval", "eval")
-        if self.world > 1:  # clocks differ a little between processes: the main process decides for all
-            from accelerate.utils import broadcast_object_list
-
-            flag = [stop]
-            broadcast_object_list(flag, from_process=0)
-            stop = bool(flag[0])
-        return stop
+        return not self.budget.room_for("epoch", "eval", "eval", accelerator=self.acc)
 
     def _stop_for_budget(self) -> None:
         """Leave the training loops for the test; validate first when no best model exists yet."""
