@@ -41,6 +41,7 @@ WARM_PHASES = ("tokenizer", "recommender")
 ABLATIONS = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 GRPO_REWARD_TYPES = ("prefix", "cosine", "none")
+BF16_MODES = ("auto", "true", "false")  # auto = on with CUDA, off on CPU
 METRIC_NAME = re.compile(r"^(recall|ndcg)@([1-9][0-9]*)$")  # recall@K or ndcg@K, K a positive integer
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when present, else CPU; N = a GPU index
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # the names of DEVICES
@@ -65,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]] = {
     "ablation": ABLATIONS,
     "lr_scheduler_type": LR_SCHEDULERS,
     "grpo_reward_type": GRPO_REWARD_TYPES,
+    "bf16": BF16_MODES,
 }
 
 # The natural range of every numeric key (of every entry, for list keys).
@@ -74,8 +76,8 @@ RANGES: dict[str, tuple[str, ...]] = {
         "sasrec_seed", "beta", "rq_weight_decay", "rq_warmup_epochs", "rq_seed", "sk_epsilons", "seed",
         "weight_decay", "warmup_steps", "warm_epoch", "id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss",
         "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs", "max_grad_norm", "max_batch_tokens",
-        "epoch_records", "num_workers", "grpo_kl_coeff", "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm",
-        "grpo_epoch_updates",
+        "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff", "grpo_reward_alpha", "grpo_epochs",
+        "grpo_max_grad_norm", "grpo_epoch_updates",
     ),
     ">= 1": (
         "max_his_len", "sasrec_hidden_size", "sasrec_layers", "sasrec_heads", "sasrec_epochs", "sasrec_batch_size",
@@ -290,8 +292,18 @@ class TrainConfig:
     epoch_records: int = _f(
         0, "training records per epoch: a fresh seeded random subset every epoch (0 = all records)"
     )
-    bf16: bool = _f(
-        False, "run the recommender's training forward under bfloat16 autocast (GPU, or CPU with avx512_bf16/AMX)"
+    bf16: str = _f(
+        "auto",
+        "bfloat16 autocast of the recommender's training forward, fp32 master weights: auto (on with CUDA, off on "
+        "CPU) | true (also on CPU, worth it with avx512_bf16/AMX) | false",
+    )
+    compile: bool = _f(
+        False, "torch.compile the recommender's training forward (the first steps of each shape compile; CUDA mainly)"
+    )
+    sync_every: int = _f(
+        0,
+        "optimiser steps between reads of the device-side loss sums (NaN check, TensorBoard, progress bar); a NaN "
+        "is reported with the step range it fell in. 0 = auto: every step on CPU, every 50 with CUDA",
     )
     num_workers: int = _f(0, "DataLoader worker processes")
     log_dir: str = _f("logs", "log root (relative to the repository root)")
@@ -513,6 +525,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is str:
         if value is None:
             return ""
+        names = CHOICES.get(key.rpartition(".")[2])
+        if isinstance(value, bool) and isinstance(names, tuple) and "true" in names:
+            return "true" if value else "false"  # YAML reads the names true/false as booleans
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):

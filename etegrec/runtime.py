@@ -11,12 +11,14 @@ Accelerator is told to use the CPU; with ``cpu=True`` they form one gloo process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -149,13 +151,17 @@ def cpu_threads() -> int:
 
 def new_run_dir(root: Path, stamp: str, accelerator: Any = None) -> Path:
     """``<root>/<stamp>[-k]``, created by the main process and shared with the others (``-k`` when two runs
-    start in the same second)."""
+    start in the same second, also when they are separate processes racing for the name)."""
     name: list[str | None] = [None]
     if accelerator is None or accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
         run_dir, k = root / stamp, 1
-        while run_dir.exists():
-            run_dir, k = root / f"{stamp}-{k}", k + 1
-        run_dir.mkdir(parents=True)
+        while True:
+            try:
+                run_dir.mkdir()  # atomic: exactly one process creates a given name
+                break
+            except FileExistsError:
+                run_dir, k = root / f"{stamp}-{k}", k + 1
         name = [run_dir.name]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -266,3 +272,51 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Deadline:
+    """A wall-clock end for a run that can only stop between units of work (epochs, evaluations).
+
+    ``at`` is Unix seconds (None = no limit). The run records how long each kind of unit took (the longest
+    counts) and asks ``room_for`` before starting the next ones: a run stops at the first boundary from which
+    the coming units, as long as the longest so far, would end past ``at``. With several processes the main
+    process's answer holds for all (their clocks differ a little, and they must stop at the same boundary).
+    """
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+        self.longest: dict[str, float] = {}
+
+    def record(self, unit: str, seconds: float) -> None:
+        self.longest[unit] = max(self.longest.get(unit, 0.0), seconds)
+
+    def room_for(self, *units: str, accelerator: Any = None) -> bool:
+        """Whether ``units`` (names given to ``record``; repeats count twice) fit before the deadline."""
+        if self.at is None:
+            return True
+        fits = time.time() + sum(self.longest.get(unit, 0.0) for unit in units) <= self.at
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            flag = [fits]
+            broadcast_object_list(flag, from_process=0)
+            fits = bool(flag[0])
+        return fits
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core matmuls for float32 work on CUDA inside the block (inputs rounded to a 10-bit mantissa,
+    fp32 accumulation); the previous setting comes back afterwards, so decoding and code refreshes stay fp32.
+    CPU matmuls are not affected either way."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

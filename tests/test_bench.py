@@ -145,7 +145,8 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
-                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path))
+                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path),
+                              parallel=1, time_budget=0.0, deadline=0.0)
     overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
     state = run_quality(args, overrides)
     saved = json.loads((tmp_path / "quality_tiny.json").read_text())
@@ -191,3 +192,67 @@ def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
     )
     assert copied.split("train").read_text() == "{}\n"
     assert _prepared_seed_folder("beauty", "tiny", tmp_path, []) is None
+
+
+def test_gpu_command_runs_every_step_and_both_trainings_side_by_side(shared_data: Path, tmp_path: Path) -> None:
+    # The GPU command as a fresh GPU machine runs it, with the tiny preset on the CPU.
+    from etegrec.bench.__main__ import main
+
+    main(["gpu", "--preset", "tiny", "--dataset", "scientific", "--seed", "1", "--time_budget", "1800",
+          "--out", str(tmp_path), f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"])
+    saved = json.loads((tmp_path / "quality_tiny.json").read_text())
+    runs = {key.split("/")[-1]: run for key, run in saved["runs"].items()}
+    assert set(runs) == {"SASRec", "TIGER-style", "ETEGRec"}
+    tiger, ete = runs["TIGER-style"], runs["ETEGRec"]
+    assert tiger["started_at"] < ete["finished_at"] and ete["started_at"] < tiger["finished_at"]  # side by side
+    assert not tiger["stopped_by_budget"] and not ete["stopped_by_budget"]
+    for run in runs.values():
+        assert all(0.0 <= run["test"][m] <= 1.0 for m in REPORTED)
+    # steps 1-3 were built once, by the invocation, before the workers started
+    seed_folder = tmp_path / "tiny" / "scientific" / "seed1"
+    assert list(saved["builds"]) == ["scientific/seed1"]
+    assert len([p for p in (seed_folder / "rqvae" / "scientific").iterdir() if p.is_dir()]) == 1
+    # each training has its own process log (told the deadline) and its own run folder
+    for model in ("TIGER-style", "ETEGRec"):
+        log = (tmp_path / "workers" / f"scientific_seed1_{model}.log").read_text()
+        assert f"benchmark run scientific/seed1/{model}" in log and "the benchmark ends by" in log
+        assert "building missing artifact" not in log
+    assert Path(tiger["checkpoint"]).parent != Path(ete["checkpoint"]).parent
+    table = (tmp_path / "quality_tiny.md").read_text()
+    assert "Time budget 1800 s, used " in table and "runs not started within it: none." in table
+    assert 0 < saved["meta"]["wall_s"] < 1800
+    assert "| scientific/seed1: steps 1-3 |" in table and "| ETEGRec (n=1) |" in table
+
+
+def test_grpo_waits_for_the_etegrec_run_of_its_seed() -> None:
+    from etegrec.bench.quality import _ready
+
+    grpo = ("d", 1, "ETEGRec+GRPO")
+    assert _ready(("d", 1, "ETEGRec"), {}, set()) is True
+    assert _ready(grpo, {}, {"d/seed1/ETEGRec"}) is False  # ETEGRec pending or running: wait
+    assert _ready(grpo, {"d/seed1/ETEGRec": {}}, set()) is True
+    assert _ready(grpo, {"d/seed2/ETEGRec": {}}, {"d/seed2/ETEGRec+GRPO"}) is None  # never: no ETEGRec of seed 1
+
+
+def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_data: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from etegrec.runtime import Deadline
+
+    overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]
+    args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1], models=["TIGER-style"],
+                              out=str(tmp_path), parallel=1, time_budget=3600.0, deadline=0.0)
+    with monkeypatch.context() as patch:  # the deadline is reached at the run's first epoch boundary
+        patch.setattr(Deadline, "room_for", lambda self, *units, accelerator=None: False)
+        run_quality(args, overrides)
+    run = json.loads((tmp_path / "quality_tiny.json").read_text())["runs"]["scientific/seed1/TIGER-style"]
+    assert run["stopped_by_budget"] and run["epochs_done"] == 1
+    assert all(math.isfinite(run["test"][m]) for m in REPORTED)  # its best (only) model was tested
+
+    # budget already spent: the next run does not start; the tables still show what finished
+    args.models, args.time_budget = ["TIGER-style", "ETEGRec"], 1e-6
+    state = run_quality(args, overrides)
+    assert list(state["runs"]) == ["scientific/seed1/TIGER-style"]
+    assert state["meta"]["not_started"] == ["scientific/seed1/ETEGRec"]
+    table = (tmp_path / "quality_tiny.md").read_text()
+    assert "| TIGER-style (n=1, 1 stopped by the time budget) |" in table
+    assert "runs not started within it: scientific/seed1/ETEGRec" in table

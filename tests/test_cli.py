@@ -64,7 +64,7 @@ def test_help_shows_type_range_choices_and_meaning() -> None:
 
 def test_benchmark_help_is_its_own_and_mentions_overrides() -> None:
     proc = _run("-m etegrec.bench", "--help")
-    assert proc.returncode == 0 and "{quality,speed}" in proc.stdout and "--train.lr_rec=0.005" in proc.stdout
+    assert proc.returncode == 0 and "{quality,gpu,speed}" in proc.stdout and "--train.lr_rec=0.005" in proc.stdout
 
 
 @pytest.mark.parametrize(

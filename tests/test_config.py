@@ -277,3 +277,13 @@ def test_given_values_are_only_what_the_user_set(tmp_path: Path) -> None:
     p.write_text("epochs: 7\n")
     assert given_values(["--config", str(p), "--lr_rec=0.5"]) == {"epochs": 7, "lr_rec": 0.5}
     assert given_values([]) == {}
+
+
+def test_bf16_takes_auto_or_a_boolean() -> None:
+    assert load_config().train.bf16 == "auto"
+    assert load_config(None, ["--bf16=true"]).train.bf16 == "true"  # YAML reads true as a boolean
+    assert config_from_dict({"bf16": False}).train.bf16 == "false"  # checkpoints written when bf16 was a bool
+    with pytest.raises(ConfigError, match="bf16='maybe'; use one of: auto, true, false"):
+        load_config(None, ["--bf16=maybe"])
+    with pytest.raises(ConfigError, match="'dataset' .* must be str, got True"):  # other keys take no booleans
+        load_config(None, ["--dataset=true"])

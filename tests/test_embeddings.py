@@ -244,3 +244,15 @@ def test_text_vectors_on_scientific(shared_data: Path, tmp_path: Path) -> None:
     assert float(emb[item_map[raw[0]] - 1] @ emb[item_map[raw[17]] - 1]) < 0.99  # rows differ
     with pytest.raises(ArtifactError, match="49 items"):
         load_vectors(path, 49, "step 2.2", "text item vectors")
+
+
+def test_importing_recbole_leaves_autograd_anomaly_detection_off() -> None:
+    import subprocess
+    import sys
+
+    # RecBole's own import turns it on for the whole process (slow, NaN-checked backward passes everywhere)
+    script = ("import torch; import {module}; print(torch.is_anomaly_enabled())")
+    outputs = [subprocess.run([sys.executable, "-c", script.format(module=module)], capture_output=True, text=True,
+                              check=True).stdout.split()[-1]
+               for module in ("recbole.model.sequential_recommender", "etegrec.embeddings.recbole_compat")]
+    assert outputs == ["True", "False"]

@@ -9,7 +9,14 @@ import torch
 
 from etegrec.bench.hf_generate import HFConstrainedGenerator, generate_with_hf
 from etegrec.config import ModelConfig
-from etegrec.rec.generation import _length_chunks, beam_search, sample, sequence_log_probs, trim_history
+from etegrec.rec.generation import (
+    CHUNK_COST_TOKENS,
+    _length_chunks,
+    beam_search,
+    sample,
+    sequence_log_probs,
+    trim_history,
+)
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.tokenizer.item_codes import ItemCodes
 
@@ -43,6 +50,21 @@ def histories(item_codes: torch.Tensor, lengths: list[int], seed: int = 1) -> to
         items = torch.randint(0, item_codes.shape[0], (length,), generator=gen)
         out[row, : length * C] = item_codes[items].reshape(-1)
     return out
+
+
+def test_masks_given_as_views_give_the_same_states_as_transformers_2d_masks() -> None:
+    # The model hands transformers (B, 1, 1, S) masks (no host sync); its own 2D-mask path must agree exactly.
+    model = tiny_model()
+    for lengths in ([3, 1, 2], [2, 2, 2]):  # with padding, and with none (transformers then drops the mask)
+        history = histories(catalogue(10), lengths)
+        mask = history >= 0
+        enc = model.encode(history)
+        reference = model.t5.encoder(inputs_embeds=model._embed_codes(history), attention_mask=mask)
+        assert torch.equal(enc.hidden, reference.last_hidden_state)
+        prefix = catalogue(10)[: len(lengths), :2]
+        dec = model.t5.decoder(inputs_embeds=model.decoder_inputs(prefix), encoder_hidden_states=enc.hidden,
+                               encoder_attention_mask=mask)
+        assert torch.equal(model.decode(enc, prefix).hidden, dec.last_hidden_state)
 
 
 # -------------------------------------------------------------------------------------------------- trie
@@ -139,6 +161,22 @@ def test_results_do_not_depend_on_the_batch() -> None:
         alone = beam_search(model, trie, trim_history(hist[row : row + 1]), num_beams=10, top_k=10)
         assert torch.equal(alone.items[0], together.items[row])
         torch.testing.assert_close(alone.scores[0], together.scores[row], atol=1e-5, rtol=0)
+
+
+def test_cuda_length_chunking_gives_the_same_top_10(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fewer, larger chunks CUDA uses, run on the CPU, against the CPU's chunking: same candidates, same order.
+    from etegrec.rec import generation
+
+    model, codes = tiny_model(), catalogue(120)
+    trie = ItemCodes(codes, K).trie()
+    history = histories(codes, [1 + (7 * i) % 40 for i in range(64)])  # 1 to 40 items
+    lengths = ((history >= 0).sum(1)).sort().values
+    cpu_chunks = _length_chunks(lengths, CHUNK_COST_TOKENS["cpu"])
+    assert len(cpu_chunks) > len(_length_chunks(lengths, CHUNK_COST_TOKENS["cuda"]))
+    today = beam_search(model, trie, history, num_beams=20, top_k=10)
+    monkeypatch.setitem(generation.CHUNK_COST_TOKENS, "cpu", CHUNK_COST_TOKENS["cuda"])
+    fewer = beam_search(model, trie, history, num_beams=20, top_k=10)
+    assert torch.equal(fewer.items, today.items) and torch.allclose(fewer.scores, today.scores, atol=1e-5)
 
 
 def test_decoding_restores_the_model_mode_and_checks_arguments() -> None:

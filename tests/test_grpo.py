@@ -128,8 +128,10 @@ def test_masked_log_softmax_and_exact_kl_by_hand():
 def _batch(codes, history, target):
     """A training batch: histories (B, S), target ids (B,) and their codes (B, C)."""
     from etegrec.rec.data import Batch
+    from etegrec.rec.losses import first_occurrence
 
-    return Batch(history_codes=history, target_codes=codes.table[target], target=target)
+    return Batch(history_codes=history, target_codes=codes.table[target], target=target,
+                 distinct=first_occurrence(target))
 
 
 def _tiny_model_and_trie(seed: int = 0):
@@ -349,6 +351,20 @@ def test_short_run_changes_policy_and_never_keeps_worse_than_sft(sft_checkpoint)
     kept = load_joint(run_dir / "best.pt")
     assert kept.raw["phase"] == "grpo" and torch.equal(kept.item_codes.stored(), sft["item_codes"])
     assert kept.raw["metrics"]["test"] == summary["grpo"]["test"]
+
+
+def test_a_passed_deadline_stops_grpo_after_one_epoch_and_tests_the_kept_model(sft_checkpoint):
+    import time
+
+    from etegrec.grpo.trainer import run
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    summary = run(_grpo_cfg(path, "--grpo_epochs=5"), make_accelerator(), deadline=time.time())
+    assert summary["stopped_by_budget"] and summary["epochs"] == 1
+    assert all(0.0 <= v <= 1.0 for v in summary["grpo"]["test"].values())
+    last = torch.load(Path(summary["run_dir"]) / "last.pt", weights_only=True)
+    assert not last["trainer"]["done"]  # resumable
 
 
 def test_kept_checkpoint_is_the_sft_model_when_grpo_only_hurts(sft_checkpoint):

@@ -8,7 +8,14 @@ import torch
 
 from etegrec.artifacts import SplitData
 from etegrec.config import ModelConfig
-from etegrec.rec.data import BucketBatchSampler, CodeCollator, SequenceDataset, eval_loader
+from etegrec.rec.data import (
+    BucketBatchSampler,
+    CodeCollator,
+    DeviceBatches,
+    SequenceDataset,
+    eval_loader,
+    train_loader,
+)
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.tokenizer.item_codes import ItemCodes
 
@@ -44,6 +51,27 @@ def test_collator_maps_items_to_current_codes() -> None:
     assert collate(ds.__getitems__([1])).target_codes.tolist() == [[1, 0, 0]]
     with pytest.raises(ValueError, match="shape"):
         table.update(CODES[:2])
+
+
+def test_batches_gathered_on_the_device_equal_the_collated_ones() -> None:
+    # DeviceBatches (the CUDA path) run on the CPU against the DataLoader path, epoch by epoch, after a code update
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 9, (40,), generator=gen)
+    histories = [torch.randint(1, 5, (int(n),), generator=gen).tolist() for n in lengths]
+    ds = SequenceDataset(split(histories, torch.randint(1, 5, (40,), generator=gen).tolist()), max_his_len=6)
+    table = ItemCodes(CODES, code_num=4)
+    collated = train_loader(ds, table, 8, seed=5, window=2)
+    on_device = DeviceBatches(ds, table, BucketBatchSampler(ds.lengths, 8, seed=5, window=2, tokens_per_item=3),
+                              torch.device("cpu"))
+    assert len(on_device) == len(collated) == 5
+    for epoch in (0, 1):
+        if epoch == 1:
+            table.update(CODES.flip(0))
+        for loader in (collated, on_device):
+            loader.batch_sampler.set_epoch(epoch)
+        pairs = list(zip(collated, on_device, strict=True))
+        assert all(torch.equal(a, b) for x, y in pairs for a, b in zip(x, y, strict=True))
+    assert pairs[0][1].target_codes.tolist() == CODES.flip(0)[pairs[0][1].target - 1].tolist()
 
 
 def test_bucket_sampler_shards_deterministically_and_groups_lengths() -> None:

@@ -75,3 +75,35 @@ def test_epoch_seed_depends_on_seed_epoch_and_rank_only() -> None:
         seed_epoch(seed, epoch, rank)
         draws.append(torch.rand(1).item())
     assert draws[0] == draws[1] and len(set(draws)) == 3
+
+
+def test_processes_starting_in_the_same_second_get_distinct_run_folders(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # Four processes race for the same stamp; each must end up with its own folder (none may crash or share).
+    script = (
+        "import sys; from pathlib import Path; from etegrec.runtime import new_run_dir\n"
+        "print(new_run_dir(Path(sys.argv[1]), 'same-second').name)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "runs")], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    names = [p.communicate()[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(names) == ["same-second", "same-second-1", "same-second-2", "same-second-3"]
+
+
+def test_deadline_leaves_room_for_the_longest_unit_of_each_kind() -> None:
+    import time
+
+    from etegrec.runtime import Deadline
+
+    budget = Deadline(time.time() + 10.0)
+    budget.record("epoch", 4.0)
+    budget.record("epoch", 3.0)  # shorter: the longest epoch still counts
+    budget.record("eval", 2.0)
+    assert budget.room_for("epoch", "eval", "eval")  # 8 s of 10
+    budget.record("eval", 3.5)
+    assert not budget.room_for("epoch", "eval", "eval")  # 11 s
+    assert budget.room_for("epoch", "never recorded")  # an unmeasured unit counts 0 s
+    assert Deadline(None).room_for("epoch", "eval")

@@ -179,6 +179,15 @@ def test_add_suffix_group_too_large() -> None:
         add_suffix(codes, code_num=2)
 
 
+def test_item_codes_copy_their_table_to_another_device_once_per_version() -> None:
+    codes, meta = ItemCodes(torch.tensor([[0, 1, 0], [0, 1, 1], [2, 0, 0]]), code_num=3), torch.device("meta")
+    first = codes.table_on(meta)  # "meta": a device without data, so only the copying is checked
+    assert first.device == meta and first.shape == (4, 3) and codes.table_on(meta) is first  # copied once
+    codes.update(torch.tensor([[0, 1, 0], [1, 1, 1], [2, 2, 0]]))
+    assert codes.table_on(meta) is not first  # copied again after the codes changed
+    assert codes.table_on("cpu") is codes.table
+
+
 def test_item_codes_check_their_invariants_and_rebuild_the_trie_only_after_a_change() -> None:
     codes = ItemCodes(torch.tensor([[0, 1, 0], [0, 1, 1], [2, 0, 0]]), code_num=3)  # items 1..3 in id order
     assert codes.table[0].tolist() == [-1, -1, -1] and codes.table[3].tolist() == [2, 0, 0]  # row i = item i

@@ -123,6 +123,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, accelerator, monkeypatch, sto
     assert a["trainer"] == b["trainer"]
 
 
+def test_a_passed_deadline_stops_at_the_first_epoch_boundary_and_tests_a_validated_model(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=4, eval_step=2, finetune_epochs=2)
+    result = trainer.run(cfg, accelerator, deadline=time.time())
+
+    assert result["stopped_by_budget"] and result["epochs"] == 1
+    assert result["best_epoch"] == 0  # no validation was due after epoch 0: the stop validated that model
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result["test"].values())
+    last = torch.load(Path(result["run_dir"]) / "last.pt", weights_only=True)
+    assert last["trainer"]["stage"] == "alternating" and last["trainer"]["epochs_done"] == 1  # resumable
+    far = trainer.run(make_tiny_dataset(tmp_path / "far", epochs=2, finetune_epochs=0), accelerator,
+                      deadline=time.time() + 3600)
+    assert not far["stopped_by_budget"] and far["epochs"] == 2
+
+
 def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator) -> None:
     cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0)
     result = trainer.run(cfg, accelerator)
@@ -141,6 +155,119 @@ def test_non_finite_loss_names_step_and_part(tmp_path, accelerator, monkeypatch)
     monkeypatch.setattr(trainer, "psa_loss", lambda pref, recon, tau: pref.sum() * float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 0 \(tokenizer phase\), step 0 .*non-finite parts: \['psa'\]"):
         trainer.run(cfg, accelerator)
+
+
+def test_a_nan_between_loss_reads_is_reported_with_the_step_range_it_fell_in(tmp_path, accelerator, monkeypatch):
+    cfg = make_tiny_dataset(tmp_path, epochs=2, sync_every=3)  # as on CUDA: the host reads the losses every 3 steps
+    calls = {"n": 0}
+    original = trainer.psa_loss
+
+    def psa_nan_at_step_4(pref, recon, tau):
+        calls["n"] += 1
+        loss = original(pref, recon, tau)
+        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th batch: step 4 of epoch 0
+
+    monkeypatch.setattr(trainer, "psa_loss", psa_nan_at_step_4)
+    # the NaN update at step 4 spreads NaN to every part by step 5; the message still names where it began
+    with pytest.raises(TrainingError, match=r"epoch 0 \(tokenizer phase\), steps 3-5 of the epoch .*"
+                                                 r"first non-finite: psa at step 4\."):
+        trainer.run(cfg, accelerator)
+
+
+def test_a_training_epoch_synchronises_with_the_device_only_to_read_the_losses(tmp_path, accelerator, monkeypatch):
+    # What a CUDA step would wait for, found on the CPU: every operation that copies a device value to the host
+    # (item/bool/tolist) or whose output size depends on the data (unique, nonzero, masked_select).
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from etegrec.rec.schedule import plan_epoch
+
+    waits = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten._unique2.default",
+             "aten.unique_dim.default", "aten.masked_select.default", "aten.unique_consecutive.default"}
+
+    class SyncProbe(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sites: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in waits:
+                stack = traceback.extract_stack()[:-1]
+                if not any(f.filename.endswith("rec/data.py") or "torch/utils/data" in f.filename for f in stack):
+                    ours = [f for f in stack if "site-packages/torch/" not in f.filename][-1]  # batches are built
+                    self.sites.append(f"{Path(ours.filename).name}:{ours.lineno} {ours.line} ({func})")  # on the host
+            return func(*args, **(kwargs or {}))
+
+    built_for_cuda = trainer.adamw  # the optimisers as built on a CUDA device (fused)
+    monkeypatch.setattr(trainer, "adamw", lambda params, lr, wd, device: built_for_cuda(params, lr, wd,
+                                                                                          torch.device("cuda")))
+    cfg = make_tiny_dataset(tmp_path, epochs=2, warm_epoch=0, sync_every=1000)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    assert all(opt.defaults["fused"] for opt in (joint.rec_opt, joint.id_opt))
+    for epoch in (0, 1):  # a tokenizer and a recommender epoch, every alignment loss on
+        plan = plan_epoch(epoch, cycle=2, warm_epoch=0, ablation="none", converged=False, weights=joint.weights)
+        probe = SyncProbe()
+        with probe:
+            joint._train_epoch(plan)  # the one read of the loss sums (tolist) at the epoch's end is not dispatched
+        assert len(joint.train_loader) > 3 and probe.sites == [], probe.sites
+    with probe:
+        float(torch.ones(2).sum())  # the probe does see a host read
+    assert len(probe.sites) == 1
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0, bf16="true")  # the CUDA default, on the CPU
+    result = trainer.run(cfg, accelerator)
+    state = torch.load(Path(result["run_dir"]) / "last.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    assert all(0.0 <= v <= 1.0 for v in result["test"].values())
+
+
+def _compiled_and_eager_runs(tmp_path, accelerator, monkeypatch, backend: str) -> tuple[dict, dict, list[str]]:
+    compiled: list[str] = []
+    original = torch.nn.Module.compile
+
+    def compile_with(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return original(self, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with)
+    eager = trainer.run(make_tiny_dataset(tmp_path / "eager", epochs=2, finetune_epochs=0), accelerator)
+    fast = trainer.run(make_tiny_dataset(tmp_path / "compiled", epochs=2, finetune_epochs=0, compile=True), accelerator)
+    return eager, fast, compiled
+
+
+def test_compile_switch_trains_the_compiled_recommender_to_the_eager_result(tmp_path, accelerator, monkeypatch):
+    # inductor's C++ code generation took minutes per batch shape on the 2-core dev machine, so this test compiles
+    # with the aot_eager backend: the same graph capture and compiled autograd, without generated kernels
+    eager, fast, compiled = _compiled_and_eager_runs(tmp_path, accelerator, monkeypatch, "aot_eager")
+    assert compiled == ["GenerativeRecommender"]
+    assert fast["test"] == pytest.approx(eager["test"]) and fast["valid"] == pytest.approx(eager["valid"])
+    eager_keys = torch.load(eager["best_checkpoint"], weights_only=True)["model"].keys()
+    assert torch.load(fast["best_checkpoint"], weights_only=True)["model"].keys() == eager_keys  # no _orig_mod.
+
+
+@pytest.mark.slow
+def test_compile_switch_with_inductor(tmp_path, accelerator, monkeypatch) -> None:
+    eager, fast, compiled = _compiled_and_eager_runs(tmp_path, accelerator, monkeypatch, "inductor")
+    assert compiled == ["GenerativeRecommender"] and fast["test"] == pytest.approx(eager["test"], abs=0.05)
+
+
+def test_fast_path_switches_follow_the_device(monkeypatch) -> None:
+    from etegrec.runtime import cuda_tf32
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not trainer.bf16_enabled("auto", cpu) and trainer.bf16_enabled("true", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert trainer.bf16_enabled("auto", cuda) and not trainer.bf16_enabled("false", cuda)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert trainer.adamw(params, 1e-3, 0.0, cuda).defaults["fused"]
+    assert not trainer.adamw(params, 1e-3, 0.0, cpu).defaults["fused"]
+    before = torch.backends.cuda.matmul.allow_tf32
+    with cuda_tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
 @pytest.mark.parametrize(

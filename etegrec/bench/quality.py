@@ -11,6 +11,17 @@ under a file lock (``<seed folder>/steps1-3.lock``), so a second invocation wait
 (dataset, seed, model) run that a live invocation is training is skipped (``<out>/running/*.lock``). The
 locks are ``fcntl`` locks, released when their process dies.
 
+``--parallel N`` runs up to N trainings at once, each in its own process (sharing the device), with its own
+run folder, log (``<out>/workers/<dataset>_seed<k>_<model>.log``) and lock: steps 1-3 of every seed folder
+are built first, in this process, then the workers start; ETEGRec+GRPO starts once the ETEGRec run of its
+seed is in the result file. Every writer merges its run into the result file under a file lock, so runs of
+concurrent processes are never lost.
+
+``--time_budget SECONDS``: the benchmark ends cleanly within the budget. No run or build starts after the
+deadline; training runs (joint and GRPO) are given it and stop at an epoch boundary in time to test their model
+(recorded with ``stopped_by_budget`` and ``epochs_done``); workers still running a grace period past the deadline
+are stopped (not recorded). The tables cover what finished.
+
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
 does (``matched_recommender_epochs``: 8 of the ``cpu`` preset's 16 with ``cycle=2``) and the same finetune
 phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
@@ -22,9 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +60,8 @@ logger = logging.getLogger("etegrec.bench")
 
 REPORTED = ["recall@5", "ndcg@5", "recall@10", "ndcg@10"]
 MODELS = ["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"]
+GPU_MODELS = ["SASRec", "TIGER-style", "ETEGRec"]  # `python -m etegrec.bench gpu`: the last two side by side
+KILL_GRACE_S = 30.0  # --parallel: a worker still running this long past the deadline is terminated
 
 # Published numbers on the exact Beauty split (TIGER paper, Rajput et al. 2023), as R@5 / N@5 / R@10 / N@10.
 PUBLISHED = {
@@ -73,6 +88,18 @@ PRESETS: dict[str, list[str]] = {
         # tokenizer epoch that did not lower L_SQ; 1e-5 gave ~8% (on Beauty, 24% in the first 128-step epoch).
         "--lr_id=1e-5",
         "--grpo_epochs=2", "--grpo_early_stop=1", "--grpo_batch_size=128", "--grpo_epoch_updates=300",
+    ],
+    # gpu: the paper's model size (SASRec 256-d, 4 layers; RQ-VAE 3 x 256 codes on SASRec + text vectors; T5 6+6,
+    # d_model 128) with a plain fast recipe, for `python -m etegrec.bench gpu` (a 9-minute command on one GPU):
+    # batch 1024 at lr_rec = 1e-3 * sqrt(batch_size / 256) = 2e-3 (square-root scaling of the cpu recipe's 1e-3 at
+    # batch 256), constant after a 100-step warm-up, weight decay 1e-4, finetune at half that rate. The epoch counts
+    # are upper bounds: the time budget ends joint training. On an H200 (README, before the fast training path)
+    # 10 SASRec epochs took 94 s and an RQ-VAE epoch 0.18 s.
+    "gpu": [
+        "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=200",
+        "--batch_size=1024", "--lr_rec=0.002", "--lr_scheduler_type=constant", "--warmup_steps=100",
+        "--weight_decay=0.0001", "--finetune_lr=0.001", "--lr_id=1e-5", "--warm_epoch=4", "--early_stop=10",
+        "--finetune_early_stop=5", "--eval_batch_size=1024",
     ],
     "tiny": [  # seconds-scale run used by the test suite: tiny models, few epochs, collaborative input only
         "--max_his_len=5", "--sasrec_hidden_size=32", "--sasrec_layers=1", "--sasrec_heads=1", "--sasrec_epochs=1",
@@ -180,8 +207,12 @@ def matched_recommender_epochs(cfg: Config) -> int:
     return max(1, training_epochs_of(cfg)[1])
 
 
-def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) -> dict[str, Any]:
-    """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}."""
+def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
+           deadline: float | None = None) -> dict[str, Any]:
+    """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}.
+
+    Training runs stop at an epoch boundary in time to test before ``deadline`` (Unix seconds).
+    """
     from etegrec.runtime import make_accelerator
 
     if model == "SASRec":
@@ -194,9 +225,10 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
         if model == "TIGER-style":
             cfg.train.epochs = matched_recommender_epochs(cfg)
             cfg.train.ablation = "no_ete"
-        result = train_joint(cfg, accelerator)
+        result = train_joint(cfg, accelerator, deadline)
         return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"],
-                "recommender_epoch_limit": training_epochs_of(cfg)[1]}
+                "recommender_epoch_limit": training_epochs_of(cfg)[1], "epochs_done": result["epochs"],
+                "stopped_by_budget": result["stopped_by_budget"]}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -204,9 +236,10 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str) ->
         if not sft:
             raise ConfigError("ETEGRec+GRPO needs the ETEGRec run of the same seed first; add ETEGRec to --models")
         cfg.grpo.sft_ckpt = sft
-        result = train_grpo(cfg, accelerator)
+        result = train_grpo(cfg, accelerator, deadline)
         return {"valid": result["grpo"]["valid"], "test": result["grpo"]["test"],
-                "sft_valid": result["sft"]["valid"], "sft_test": result["sft"]["test"]}
+                "sft_valid": result["sft"]["valid"], "sft_test": result["sft"]["test"],
+                "epochs_done": result["epochs"], "stopped_by_budget": result["stopped_by_budget"]}
     raise ValueError(f"unknown model {model!r}; use SASRec, TIGER-style, ETEGRec or ETEGRec+GRPO")
 
 
@@ -230,32 +263,62 @@ def summarise(results: dict[str, Any], datasets: list[str], models: list[str]) -
     return summary
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    """Result tables: mean ± std over seeds, published rows beside them."""
-    lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}.", ""]
+def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any] | None = None,
+             builds: dict[str, Any] | None = None) -> str:
+    """Result tables: mean ± std over seeds, published rows beside them; then one line per run and build."""
+    lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, machine: {meta['machine']}, commit {meta['commit']}."]
+    if meta.get("time_budget_s"):
+        lines.append(f"Time budget {meta['time_budget_s']:.0f} s, used {meta.get('wall_s', 0):.0f} s; runs not "
+                     f"started within it: {', '.join(meta.get('not_started', [])) or 'none'}.")
+    lines.append("")
     for dataset, models in summary.items():
         lines += [f"### {dataset} (test, full ranking, leave-one-out)", "", "| model | " + " | ".join(REPORTED) + " |",
                   "|---|" + "---|" * len(REPORTED)]
         for model, metrics in models.items():
             cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in REPORTED]
-            lines.append(f"| {model} (n={next(iter(metrics.values()))['n'] if metrics else 0}) | " + " | ".join(cells) + " |")
+            stopped = sum(1 for k, r in (runs or {}).items()
+                          if k.startswith(f"{dataset}/") and k.endswith(f"/{model}") and r.get("stopped_by_budget"))
+            note = f", {stopped} stopped by the time budget" if stopped else ""
+            n = next(iter(metrics.values()))["n"] if metrics else 0
+            lines.append(f"| {model} (n={n}{note}) | " + " | ".join(cells) + " |")
         for model, metrics in PUBLISHED.get(dataset, {}).items():
             lines.append(f"| {model} | " + " | ".join(f"{metrics[m]:.4f}" for m in REPORTED) + " |")
+        lines.append("")
+    if runs or builds:
+        lines += ["| run | wall time | epochs | end |", "|---|---|---|---|"]
+        for key, build in (builds or {}).items():
+            lines.append(f"| {key}: steps 1-3 | {build['wall_s']:.0f} s | | built |")
+        for key, run in (runs or {}).items():
+            end = "stopped by the time budget" if run.get("stopped_by_budget") else "finished"
+            lines.append(f"| {key} | {run.get('wall_s', 0):.0f} s | {run.get('epochs_done', '')} | {end} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _read_result(result_file: Path) -> dict[str, Any]:
+    return json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
+
+
 def _merge_result(result_file: Path, state: dict[str, Any], key: str | None, entry: Any,
-                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Add one finished run to the result file, keeping runs that a concurrent invocation (e.g. another
-    ``--models`` list on the same ``--out``) wrote since this one started."""
-    on_disk = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
-    merged = {**state, "runs": {**state["runs"], **on_disk.get("runs", {})}}
-    if key is not None:
-        merged["runs"][key] = entry
-    # the seeds of every run in the file (other invocations' included), not only this invocation's --seeds
-    merged["meta"] = {**meta, "seeds": sorted({int(k.split("/")[1].removeprefix("seed")) for k in merged["runs"]})}
-    atomic_write_json(result_file, merged)
+                  meta: dict[str, Any], section: str = "runs") -> dict[str, Any]:
+    """Add one finished run (or, with ``section="builds"``, one seed folder's build) to the result file, keeping
+    what concurrent processes (workers of ``--parallel``, other invocations on the same ``--out``) wrote; the
+    read-modify-write holds the result file's lock, and the summary is recomputed from the merged runs."""
+    with FileLock(result_file.with_suffix(".lock"), waiting_for="the result file"):
+        on_disk = _read_result(result_file)
+        merged = {**state}
+        for name in ("runs", "builds"):
+            merged[name] = {**state.get(name, {}), **on_disk.get(name, {})}
+        if key is not None:
+            merged[section][key] = entry
+        runs = merged["runs"]
+        # the seeds of every run in the file (other invocations' included), not only this invocation's --seeds
+        merged["meta"] = {**meta, "seeds": sorted({int(k.split("/")[1].removeprefix("seed")) for k in runs})}
+        # the tables cover every finished run in the file, including other invocations' datasets and models
+        datasets = list(dict.fromkeys(k.split("/")[0] for k in runs))
+        models = [m for m in MODELS if any(k.endswith(f"/{m}") for k in runs)]
+        merged["summary"] = summarise(runs, datasets, models)
+        atomic_write_json(result_file, merged)
     return merged
 
 
@@ -269,47 +332,183 @@ def _claim(lock_dir: Path, key: str) -> FileLock | None:
     return lock if lock.acquire(blocking=False) else None
 
 
+def _run_key(dataset: str, seed: int, model: str) -> str:
+    return f"{dataset}/seed{seed}/{model}"
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
+def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], result_file: Path,
+             meta: dict[str, Any], deadline: float | None) -> None:
+    """Build the seed folder if needed, train one (dataset, seed, model) and merge it into the result file."""
+    dataset, seed, model = job
+    key = _run_key(*job)
+    runs = _read_result(result_file)["runs"]
+    if key in runs:
+        return  # finished in an earlier invocation
+    if _past(deadline):
+        logger.warning("benchmark run %s not started: the time budget is spent", key)
+        meta.setdefault("not_started", []).append(key)
+        return
+    lock = _claim(out / "running", key)
+    if lock is None:
+        logger.info("benchmark run %s is running in another process; skipped here", key)
+        return
+    logger.info("benchmark run %s", key)
+    start, started_at = time.perf_counter(), time.time()
+    try:
+        cfg = build_seed_folder(dataset, preset, seed, out, overrides)
+        result = _train(cfg, model, runs, f"{dataset}/seed{seed}", deadline)
+    finally:
+        lock.release()
+    kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit", "epochs_done",
+            "stopped_by_budget")
+    entry = {k: v for k, v in result.items() if k in kept}
+    entry.update(wall_s=round(time.perf_counter() - start, 1), started_at=round(started_at, 1),
+                 finished_at=round(time.time(), 1))
+    _merge_result(result_file, {"runs": {}}, key, json.loads(json.dumps(entry, default=str)), meta)
+
+
+def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], env: dict[str, str],
+                  deadline: float | None) -> subprocess.Popen:
+    """One run as ``python -m etegrec.bench quality`` in its own process, logging to its own file."""
+    dataset, seed, model = job
+    log = out / "workers" / f"{dataset}_seed{seed}_{model}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "etegrec.bench", "quality", "--preset", preset, "--datasets", dataset,
+               "--seeds", str(seed), "--models", model, "--out", str(out), *overrides]
+    if deadline is not None:
+        command += ["--deadline", repr(deadline)]
+    with open(log, "w", encoding="utf-8") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+
+def _ready(job: tuple[str, int, str], finished: dict[str, Any], scheduled: set[str]) -> bool | None:
+    """Whether ``job`` may start now: ETEGRec+GRPO waits for the ETEGRec run of its seed to finish (``finished``
+    = the result file's runs), and can never start (None) when that run is neither finished nor ``scheduled``
+    (pending or running)."""
+    if job[2] != "ETEGRec+GRPO":
+        return True
+    sft = _run_key(job[0], job[1], "ETEGRec")
+    if sft in finished:
+        return True
+    return False if sft in scheduled else None
+
+
+def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, jobs: list[tuple[str, int, str]],
+                  result_file: Path, meta: dict[str, Any], deadline: float | None) -> None:
+    """Build every seed folder here, then train up to ``args.parallel`` runs at once, one worker process each.
+
+    Workers still running ``KILL_GRACE_S`` past the deadline are terminated (their runs are not recorded).
+    """
+    from tqdm import tqdm
+
+    todo = [job for job in jobs if _run_key(*job) not in _read_result(result_file)["runs"]]
+    for dataset, seed in dict.fromkeys((d, s) for d, s, _ in todo):
+        if _past(deadline):
+            break  # the runs of unbuilt seeds are reported as not started below
+        start = time.perf_counter()
+        build_seed_folder(dataset, args.preset, seed, out, overrides)
+        _merge_result(result_file, {"runs": {}}, f"{dataset}/seed{seed}",
+                      {"wall_s": round(time.perf_counter() - start, 1)}, meta, section="builds")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the device's memory to the workers
+    for job in todo:
+        if job[2] == "SASRec":  # reads the metrics of the built SASRec: nothing to train
+            _run_job(args.preset, job, out, overrides, result_file, meta, deadline)
+    pending = [job for job in todo if job[2] != "SASRec"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
+    workers: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: set[str] = set()
+    bar = tqdm(total=len(pending), desc=f"quality benchmark, {args.parallel} at once", unit="run")
+    try:
+        while pending or workers:
+            if _past(deadline) and pending:
+                logger.warning("time budget spent: %d run(s) not started", len(pending))
+                meta.setdefault("not_started", []).extend(_run_key(*job) for job in pending)
+                bar.update(len(pending))
+                pending = []
+            if deadline is not None and time.time() > deadline + KILL_GRACE_S:
+                for key, (proc, _) in workers.items():
+                    if key not in failed:
+                        logger.error("benchmark run %s still running %.0f s past the deadline: stopped", key,
+                                     KILL_GRACE_S)
+                        failed.add(key)
+                        proc.terminate()
+            for key, (proc, start) in list(workers.items()):
+                if proc.poll() is None:
+                    continue
+                del workers[key]
+                bar.update(1)
+                if proc.returncode:
+                    failed.add(key)
+                    logger.error("benchmark run %s failed (exit code %d); see %s", key, proc.returncode,
+                                 out / "workers")
+                else:
+                    logger.info("benchmark run %s done in %.0f s", key, time.perf_counter() - start)
+            runs = _read_result(result_file)["runs"]
+            for job in list(pending):
+                if len(workers) >= args.parallel:
+                    break
+                key = _run_key(*job)
+                ready = _ready(job, runs, {_run_key(*j) for j in pending} | set(workers))
+                if ready is None:
+                    pending.remove(job)
+                    failed.add(key)
+                    bar.update(1)
+                    logger.error("benchmark run %s needs the ETEGRec run of its seed, which did not finish", key)
+                if not ready:
+                    continue
+                pending.remove(job)
+                logger.info("benchmark run %s starts in its own process", key)
+                workers[key] = (_start_worker(args.preset, job, out, overrides, env, deadline), time.perf_counter())
+            if pending or workers:
+                time.sleep(1.0)
+    finally:
+        for proc, _ in workers.values():  # interrupted: stop the workers too
+            proc.terminate()
+            proc.wait()
+        bar.close()
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    """Unix seconds by which everything ends: ``--time_budget`` from now, or a parent's ``--deadline``."""
+    ends = [time.time() + args.time_budget] if args.time_budget else []
+    ends += [args.deadline] if args.deadline else []
+    return min(ends) if ends else None
+
+
 def run_quality(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Run (or resume) the quality benchmark and write its JSON and Markdown results."""
     from tqdm import tqdm
 
     from etegrec.runtime import setup_logging
 
+    start = time.perf_counter()
     out = resolve_path(args.out)
     for dataset in args.datasets:  # a missing dataset config or a bad override stops here, before any run
         seed_config(dataset, args.preset, args.seeds[0], out, overrides)
     result_file = out / f"quality_{args.preset}.json"
     setup_logging(out / f"quality_{args.preset}.log", keep_for_session=True)
-    state = json.loads(result_file.read_text()) if result_file.is_file() else {"runs": {}}
     meta = {"preset": args.preset, "machine": machine_description(), "commit": _git_commit(),
-            "overrides": overrides}
+            "torch": torch.__version__, "overrides": overrides}
+    deadline = _deadline(args)
+    if args.time_budget:
+        meta["time_budget_s"] = args.time_budget
+    if deadline is not None:
+        logger.info("time budget: the benchmark ends by %s", time.strftime("%H:%M:%S", time.localtime(deadline)))
     jobs = [(d, s, m) for d in args.datasets for s in args.seeds for m in args.models]
-    for dataset, seed, model in tqdm(jobs, desc="quality benchmark", unit="run"):
-        key = f"{dataset}/seed{seed}/{model}"
-        if key in state["runs"]:
-            continue  # finished in an earlier invocation
-        lock = _claim(out / "running", key)
-        if lock is None:
-            logger.info("benchmark run %s is running in another process; skipped here", key)
-            continue
-        logger.info("benchmark run %s", key)
-        start = time.perf_counter()
-        try:
-            cfg = build_seed_folder(dataset, args.preset, seed, out, overrides)
-            result = _train(cfg, model, state["runs"], f"{dataset}/seed{seed}")
-        finally:
-            lock.release()
-        kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit")
-        entry = {k: v for k, v in result.items() if k in kept}
-        entry["wall_s"] = round(time.perf_counter() - start, 1)
-        state = _merge_result(result_file, state, key, json.loads(json.dumps(entry, default=str)), meta)
-    state = _merge_result(result_file, state, None, None, meta)
-    # The tables cover every finished run in the file, including other invocations' datasets and models.
-    datasets = list(dict.fromkeys(key.split("/")[0] for key in state["runs"]))
-    models = [m for m in MODELS if any(key.endswith(f"/{m}") for key in state["runs"])]
-    state["summary"] = summarise(state["runs"], datasets, models)
-    atomic_write_json(result_file, state)
-    table = markdown(state["summary"], state["meta"])
+    if args.parallel > 1:
+        _run_parallel(args, overrides, out, jobs, result_file, meta, deadline)
+    else:
+        for job in tqdm(jobs, desc="quality benchmark", unit="run"):
+            _run_job(args.preset, job, out, overrides, result_file, meta, deadline)
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    state = _merge_result(result_file, {"runs": {}}, None, None, meta)
+    table = markdown(state["summary"], state["meta"], state["runs"], state["builds"])
     atomic_write_text(out / f"quality_{args.preset}.md", table + "\n")
     print(table)
     return state

@@ -29,9 +29,9 @@ from etegrec.artifacts import atomic_write_json, atomic_write_text
 from etegrec.bench.quality import machine_description
 from etegrec.config import REPO_ROOT, ModelConfig, load_config, resolve_path
 from etegrec.rec.data import eval_loader
-from etegrec.rec.losses import first_occurrence
 from etegrec.rec.schedule import plan_epoch
-from etegrec.runtime import peak_memory_mb, sync_device
+from etegrec.rec.trainer import LossSums
+from etegrec.runtime import cuda_tf32, peak_memory_mb, sync_device
 
 logger = logging.getLogger("etegrec.bench")
 
@@ -89,23 +89,28 @@ def time_train_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
         weights=trainer.weights,
     )
     groups = trainer.start_phase(plan)
-    batches = [b.to(trainer.device) for _, b in zip(range(steps + 1), trainer.train_loader)]
+    batches = [b for _, b in zip(range(steps + 1), trainer.train_loader)]
     out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
+    for b in batches[1:]:  # token counts of the timed steps, before timing
+        real = b.history_codes >= 0  # (B, S)
+        out["sequences"] += b.target.shape[0]
+        out["enc_tokens"] += float(real.sum())
+        out["dec_tokens"] += b.target_codes.numel()
+        out["distinct"] += b.distinct.shape[0]
+        out["enc_tokens_distinct"] += float(real[b.distinct].sum())
+    batches = [b.to(trainer.device) for b in batches]
+    sums: LossSums | None = None
     start = 0.0
-    for i, b in enumerate(batches):
-        if i == 1:  # the first step warms up allocators and kernels
-            sync_device(trainer.device)
-            start = time.perf_counter()
-        trainer.accumulate(b, plan, i)
-        trainer.optimizer_step(groups)
-        if i >= 1:
-            first = first_occurrence(b.target)
-            real = b.history_codes >= 0  # (B, S)
-            out["sequences"] += b.target.shape[0]
-            out["enc_tokens"] += float(real.sum())
-            out["dec_tokens"] += b.target_codes.numel()
-            out["distinct"] += first.shape[0]
-            out["enc_tokens_distinct"] += float(real[first].sum())
+    with cuda_tf32(trainer.device.type == "cuda"):
+        for i, b in enumerate(batches):
+            if i == 1:  # the first step warms up allocators and kernels
+                sync_device(trainer.device)
+                start = time.perf_counter()
+            names, values = trainer.accumulate(b, plan)
+            sums = sums or LossSums(names, trainer.device)
+            sums.add(values)
+            trainer.optimizer_step(groups)
+        trainer.read_losses(sums, plan, groups)  # as a training epoch does every sync_every steps
     sync_device(trainer.device)
     out["seconds"] = time.perf_counter() - start
     return out

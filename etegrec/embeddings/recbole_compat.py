@@ -1,7 +1,7 @@
 """The only place that imports RecBole: small, documented fixes that let recbole 1.2.1 run with current libraries.
 
 RecBole 1.2.1 (the last release) breaks with today's NumPy and PyTorch; rather than pinning old versions
-(``requirements.txt`` keeps ``numpy>=1.26``), this module fixes exactly four things and nothing else:
+(``requirements.txt`` keeps ``numpy>=1.26``), this module fixes exactly five things and nothing else:
 
 1. **NumPy >= 2.0** removed ``np.float_``, ``np.complex_`` and ``np.unicode_``. RecBole's
    ``Config.compatibility_settings`` reads them (to re-create ``np.float`` etc.), so every ``Config(...)`` raises
@@ -19,6 +19,10 @@ RecBole 1.2.1 (the last release) breaks with today's NumPy and PyTorch; rather t
    ``--dataset=beauty`` would silently override its dataset name) and overwrites ``CUDA_VISIBLE_DEVICES``.
    ``make_config`` hides ``sys.argv`` and restores the environment variable. Its trainer also writes TensorBoard
    files to ``./log_tensorboard`` in the current directory; ``tensorboard_dir`` sends them to a folder we choose.
+5. **Importing RecBole switches on autograd anomaly detection for the whole process**
+   (``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import):
+   every later backward pass, joint training's included, then checks every operation's output for NaN (on a GPU
+   a host wait per operation) and runs far slower. The setting from before the import is restored right after it.
 
 Known and left alone: under pandas >= 3 (copy-on-write) RecBole's missing-value filling
 (``Dataset._fill_nan``, ``fillna(inplace=True)`` on a column) does nothing and warns ``ChainedAssignmentError``.
@@ -52,12 +56,15 @@ with contextlib.suppress(ImportError, AttributeError):
     warnings.filterwarnings("ignore", category=ChainedAssignmentError, module=r"recbole\.")
 
 # RecBole is imported only now, after the aliases exist (fix 1).
+_ANOMALY_MODE = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
 import recbole.trainer.trainer as _recbole_trainer_module
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender import SASRec
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
+
+torch.autograd.set_detect_anomaly(_ANOMALY_MODE[0], check_nan=_ANOMALY_MODE[1])  # fix 5
 
 __all__ = [
     "CheckpointTrainer",

@@ -50,6 +50,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ from etegrec.rec.evaluate import evaluate
 from etegrec.rec.generation import SequenceScorer
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.rec.schedule import build_scheduler
-from etegrec.runtime import cpu_state, seed_epoch, start_training_run
+from etegrec.runtime import Deadline, cpu_state, seed_epoch, start_training_run
 
 logger = logging.getLogger("etegrec.grpo")
 
@@ -323,22 +324,37 @@ class GRPOTrainer:
             st.done = True
 
     # ------------------------------------------------------------------ the run
-    def fit(self) -> dict[str, Any]:
-        """Run (or continue) GRPO, then test the SFT and the kept model; returns the metrics before / after."""
+    def fit(self, deadline: float | None = None) -> dict[str, Any]:
+        """Run (or continue) GRPO, then test the SFT and the kept model; returns the metrics before / after.
+
+        ``deadline`` (Unix seconds, None = none): GRPO stops at the first epoch boundary from which one more epoch,
+        a validation and the test (two models) would end past it; the kept model is tested as usual and the result
+        says ``stopped_by_budget``. ``last.pt`` does not mark such a run done, so ``--resume`` continues it.
+        """
         st, g = self.state, self.cfg.grpo
+        budget = Deadline(deadline)
         if not st.evaluations:  # a fresh run
-            self._start_from_sft()
-        while not st.done:
-            epoch = st.epoch + 1
+            start = time.perf_counter()
+            self._start_from_sft()  # validates the SFT model
+            budget.record("eval", time.perf_counter() - start)
+        stopped = False
+        while not st.done and not stopped:
+            epoch, start = st.epoch + 1, time.perf_counter()
             train_stats = self._train_epoch(epoch)
             st.epoch = epoch
             logger.info("epoch %d train: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in train_stats.items()))
             _check_replicas_agree(self.policy, self.acc)
+            budget.record("epoch", time.perf_counter() - start)
             if epoch % g.grpo_eval_step == 0 or epoch == g.grpo_epochs:
+                start = time.perf_counter()
                 self._validate(epoch, train_stats)
+                budget.record("eval", time.perf_counter() - start)
             st.done = st.done or epoch >= g.grpo_epochs
             self._save("last.pt", {"valid": st.evaluations[-1]["valid"]}, cpu_state(self.policy), with_state=True)
-        return self._test()
+            stopped = not st.done and not budget.room_for("epoch", "eval", "eval", "eval", accelerator=self.acc)
+        if stopped:
+            logger.info("time budget: GRPO stops after epoch %d, before the deadline", st.epoch)
+        return {**self._test(), "epochs": st.epoch, "stopped_by_budget": stopped}
 
     def _test(self) -> dict[str, Any]:
         """Test the SFT and the kept model, write ``metrics.json`` and the final ``best.pt``."""
@@ -487,11 +503,12 @@ def _comparison_table(columns: dict[str, dict[str, float]], names: list[str]) ->
     return "\n".join([head, *rows])
 
 
-def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
+def run(cfg: Config, accelerator: Any, deadline: float | None = None) -> dict[str, Any]:
     """GRPO fine-tuning of ``cfg.grpo.sft_ckpt`` or continuation of ``cfg.train.resume``; returns metrics before/after.
 
     Writes ``<ckpt_dir>/<dataset>/<TIMESTAMP>_grpo/{best.pt,last.pt,metrics.json,config.yaml,argv.txt}``;
     ``best.pt`` is the kept model (the SFT weights unless a GRPO epoch is strictly better on validation). A resumed
-    run uses the stored config and writes into the folder of its ``last.pt``.
+    run uses the stored config and writes into the folder of its ``last.pt``. ``deadline``: Unix seconds by which
+    it stops at an epoch boundary and tests (``GRPOTrainer.fit``).
     """
-    return GRPOTrainer(cfg, accelerator).fit()
+    return GRPOTrainer(cfg, accelerator).fit(deadline)

@@ -6,6 +6,7 @@ indexing the current item-code table (``ItemCodes.table``, updated in place), so
 epoch takes effect at the next batch without rebuilding anything. ``BucketBatchSampler`` shuffles, then sorts windows of batches by
 history length, so batches hold histories of similar length and padding stays small; it also deals batches
 to processes itself (every process runs the same number of steps, as DDP-style gradient averaging needs).
+For a GPU, ``DeviceBatches`` gathers the same batches on the device instead (no per-batch work on the host).
 
 Deviations from the reference code (``data.py``): batches are padded to the batch maximum in *items* exactly
 as there, but histories are length-bucketed; the history cap is ``max_his_len`` (the reference's 210-item
@@ -24,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from etegrec.artifacts import SplitData, load_item_vectors
 from etegrec.config import Config
+from etegrec.rec.losses import first_occurrence
 from etegrec.tokenizer.item_codes import ItemCodes
 
 
@@ -40,6 +42,7 @@ class Batch(NamedTuple):
     history_codes: Tensor  # (B, T*C) long, item-aligned, -1 = padding
     target_codes: Tensor  # (B, C) long
     target: Tensor  # (B,) long target item ids (1..N)
+    distinct: Tensor  # (M,) long rows holding the first occurrence of each distinct target, by target id
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device``."""
@@ -93,7 +96,10 @@ class SequenceDataset(Dataset):
 
 
 class CodeCollator:
-    """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops)."""
+    """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops).
+
+    The distinct-target rows are found here, on the host: ``torch.unique`` on a GPU would wait for the device.
+    """
 
     def __init__(self, codes: ItemCodes) -> None:
         self.table = codes.table  # (N+1, C), updated in place; only the tensor travels to DataLoader workers
@@ -105,6 +111,7 @@ class CodeCollator:
             history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*C)
             target_codes=table[items.target],  # (B, C)
             target=items.target,
+            distinct=first_occurrence(items.target),  # (M,)
         )
 
 
@@ -191,6 +198,46 @@ class BucketBatchSampler:
         return len(self._global_batches()) // self.num_replicas
 
 
+class DeviceBatches:
+    """Training batches gathered where the model runs (a GPU): the split's histories and targets are copied to
+    ``device`` once and the code table once per update, so a batch costs one small index copy and a few gathers
+    there -- no collation, pinning or copy of padded code histories on the host per batch. The batches equal
+    ``CodeCollator``'s (moved to ``device``) for the same indices.
+
+    ``batch_sampler`` and ``len()`` work as on a DataLoader (``batch_sampler.set_epoch`` picks the epoch).
+    """
+
+    def __init__(self, dataset: SequenceDataset, codes: ItemCodes, batch_sampler: BucketBatchSampler,
+                 device: torch.device) -> None:
+        self.history = dataset.history.to(device)  # (n, H)
+        self.target = dataset.target.to(device)  # (n,)
+        self.host_lengths, self.host_target = dataset.lengths, dataset.target  # batch widths, distinct targets
+        self.codes = codes
+        self.batch_sampler = batch_sampler
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A small host tensor on the device without the host waiting (pinned first on CUDA)."""
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        table = self.codes.table_on(self.device)  # (N+1, C) the current codes
+        for indices in self.batch_sampler:
+            idx = torch.as_tensor(indices, dtype=torch.long)  # (B,)
+            width = int(self.host_lengths[idx].max())
+            rows = self._to_device(idx)
+            target = self.target[rows]  # (B,)
+            yield Batch(
+                history_codes=table[self.history[rows, :width]].reshape(len(indices), -1),  # (B, T*C)
+                target_codes=table[target],  # (B, C)
+                target=target,
+                distinct=self._to_device(first_occurrence(self.host_target[idx])),  # (M,)
+            )
+
+
 def train_loader(
     dataset: SequenceDataset,
     codes: ItemCodes,
@@ -203,8 +250,13 @@ def train_loader(
     num_replicas: int = 1,
     rank: int = 0,
     num_workers: int = 0,
-) -> DataLoader:
-    """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``)."""
+    device: torch.device | None = None,
+) -> DataLoader | DeviceBatches:
+    """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``).
+
+    With a CUDA ``device`` and no workers the batches are gathered there (``DeviceBatches``); otherwise a
+    DataLoader collates them on the host (pinned for a CUDA device, so ``Batch.to`` does not block the host).
+    """
     sampler = BucketBatchSampler(
         dataset.lengths,
         batch_size,
@@ -216,7 +268,11 @@ def train_loader(
         num_replicas=num_replicas,
         rank=rank,
     )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
+    cuda = device is not None and device.type == "cuda"
+    if cuda and num_workers == 0:
+        return DeviceBatches(dataset, codes, sampler, device)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers,
+                      pin_memory=cuda)
 
 
 def eval_loader(dataset: SequenceDataset, codes: ItemCodes, batch_size: int, *, num_workers: int = 0) -> DataLoader:

@@ -14,7 +14,9 @@ Scores (one definition per use, stated once here):
 
 Speed (no Python loop over users or beams, integer tensors, ``torch.inference_mode``):
 * Users are sorted by history length and encoded in a few length chunks (``_length_chunks``: fewest padded
-  tokens plus a per-chunk cost), each trimmed to its own longest history; the encoder runs once per user.
+  tokens plus a per-chunk cost, ``CHUNK_COST_TOKENS`` per device type), each trimmed to its own longest history;
+  the encoder runs once per user. On CUDA a chunk costs far more (its encoder and every decode step's
+  cross-attention are separate kernel launches, and decoding there is launch-bound), so batches split less.
 * The decoder is an incremental T5 pass over the model's own weights (``_IncrementalDecoder``, equal to
   ``model.decode`` -- the tests compare them): cross-attention keys/values are computed once per user and a
   user's beams attend as that user's queries, so nothing on the encoder side is copied per beam; the
@@ -79,6 +81,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+# Fixed cost of one more length chunk, in padded history tokens. CPU: the value decoding used before there was a CUDA
+# one. CUDA: an estimate, not measured: ~200 more kernel launches per chunk against the padded tokens an H200
+# encodes in that time.
+CHUNK_COST_TOKENS = {"cpu": 128, "cuda": 4096}
+
+
 def _length_chunks(lengths: Tensor, token_penalty: int = 128) -> list[int]:
     """Split users sorted by history length into contiguous chunks, each padded to its own longest history.
 
@@ -113,7 +121,8 @@ def _encode_by_length(model: GenerativeRecommender, history_codes: Tensor) -> _E
     sorted_lengths, order = lengths.sort(stable=True)
     rows = history_codes[order]  # (B, S) sorted by length
     chunks, start = [], 0
-    for size in _length_chunks(sorted_lengths.cpu()):
+    cost = CHUNK_COST_TOKENS.get(history_codes.device.type, CHUNK_COST_TOKENS["cpu"])
+    for size in _length_chunks(sorted_lengths.cpu(), cost):
         chunks.append(model.encode(trim_history(rows[start : start + size])))
         start += size
     return _Encoded(order=order, chunks=chunks)

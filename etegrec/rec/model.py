@@ -12,6 +12,8 @@ Deviations from the reference code (``model.py``), all without changing the func
 * The two alignment adapters live here (as in the reference) but are exposed as ``sequence_latent`` (z_E for
   SIA) and ``preference_latent`` (h_D for PSA) so the trainer runs only what a phase needs. They are single
   ``Linear`` layers as in the reference; the paper calls them "MLP".
+* Attention masks go to transformers as (B, 1, 1, S) views, which it uses as they are: from a 2D mask it would
+  first test ``mask.all()`` to skip an all-true mask, a host synchronisation per call on a GPU. Same values.
 * The frozen semantic table of the reference is not part of this module: the tokenizer's input vectors live
   in the trainer as a plain tensor, so they are frozen by construction and absent from the state dict.
 """
@@ -142,7 +144,7 @@ class GenerativeRecommender(nn.Module):
             history_codes: (B, S) long, S = T*C, item-aligned, -1 = padding.
         """
         mask = history_codes >= 0  # (B, S)
-        out = self.t5.encoder(inputs_embeds=self._embed_codes(history_codes), attention_mask=mask)
+        out = self.t5.encoder(inputs_embeds=self._embed_codes(history_codes), attention_mask=mask[:, None, None, :])
         return EncoderOut(hidden=out.last_hidden_state, mask=mask)
 
     # ------------------------------------------------------------------ decoder
@@ -166,7 +168,7 @@ class GenerativeRecommender(nn.Module):
         out = self.t5.decoder(
             inputs_embeds=inputs,
             encoder_hidden_states=enc.hidden,
-            encoder_attention_mask=enc.mask,
+            encoder_attention_mask=enc.mask[:, None, None, :],  # (B, 1, 1, S): used as it is
             cache=past_key_values,
             use_cache=use_cache,
         )

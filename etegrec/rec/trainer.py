@@ -13,11 +13,14 @@
    ``finetune_early_stop`` evaluations (one per epoch) pass without improvement or ``finetune_epochs`` end.
 
 Finally the best model is tested and printed beside the popularity baseline (and SASRec when available).
+With a deadline (``run(..., deadline=)``, set by the benchmark's ``--time_budget``) training stops at the first
+epoch boundary from which another epoch, a validation and the test would not fit, and the best model is tested.
 
 Multi-process (accelerate, DDP-style): every process holds both models and trains on its share of each
 epoch's batches; gradients are averaged over processes with one all-reduce per optimizer step. DDP wrappers
 are not used because which model trains changes every epoch (DDP fixes its parameter set at wrap time). The
-loss parts are averaged over processes every step, so a non-finite loss stops all processes at the same step.
+loss parts are averaged over processes whenever they are read, so a non-finite loss stops all processes at the
+same step.
 
 Deviations from the reference code:
 * Frozen models are run under ``no_grad`` in eval mode; terms with weight 0 are not computed; the tokenizer runs
@@ -30,7 +33,14 @@ Deviations from the reference code:
   replaced by a better model) and writes into the same files, never the reference's clashing ``{epoch}.pt``.
 * Speed and memory knobs the reference lacks (all off by default except bucketing): length-bucketed batches
   padded to the batch maximum (``bucket_window``), a per-batch token budget (``max_batch_tokens``), a random
-  subset of records per epoch (``epoch_records``) and bfloat16 autocast of the recommender (``bf16``).
+  subset of records per epoch (``epoch_records``) and ``torch.compile`` of the recommender (``compile``).
+
+Fast path on CUDA (the CPU path is the plain one): bfloat16 autocast of the recommender with fp32 master weights
+(``bf16: auto``), TF32 matmuls while training, fused AdamW, batches gathered on the device
+(``data.DeviceBatches``), and no host synchronisation per step: loss parts are summed on the device
+(``LossSums``) and read every ``sync_every`` optimiser steps (auto: 50) for the NaN check, TensorBoard and the
+progress bar; a non-finite loss is reported with its part and the range of steps it fell in. On CPU every step
+is read, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +64,12 @@ from etegrec.errors import TrainingError
 from etegrec.rec.checkpoint import build_recommender, read_joint, read_joint_resume, save_joint
 from etegrec.rec.data import Batch, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.losses import first_occurrence, psa_loss, sia_loss, sq_loss
+from etegrec.rec.losses import psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
 from etegrec.runtime import (
+    Deadline,
+    cuda_tf32,
     peak_memory_mb,
     resumed_config,
     seed_epoch,
@@ -83,6 +96,56 @@ class TrainerState:
     best_epoch: int = -1  # epochs_done index of the best evaluation
     best_metrics: dict[str, float] = field(default_factory=dict)
     patience: int = 0  # evaluations without improvement in the current stage
+
+
+def bf16_enabled(setting: str, device: torch.device) -> bool:
+    """The ``bf16`` config value on ``device``: auto = on with CUDA (where the GPU has bfloat16), off on CPU."""
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return setting == "true"
+
+
+def adamw(params: Any, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on CUDA (its step counters then stay on the device: no host read)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+class LossSums:
+    """Sums of the loss parts over a window of batches, kept on the device: adding a batch's losses costs no
+    host synchronisation; ``read`` brings the window to the host once and starts the next one. The epoch index
+    of the first batch at which each part was non-finite is kept too (a NaN step spreads NaN to every part).
+
+    Args:
+        names: the loss parts, in the order of the values given to ``add``.
+        device: where the sums live.
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.window = torch.zeros(len(names), dtype=torch.float64, device=device)  # (P,)
+        self.first_bad = torch.full((len(names),), -1.0, dtype=torch.float64, device=device)  # (P,) -1 = finite
+        self.first = 0  # index in the epoch of the window's first batch
+        self.batches = 0  # batches in the window
+        self.epoch = [0.0] * len(names)  # sums over the epoch's read windows (host)
+
+    def add(self, values: Tensor) -> None:
+        """Add one batch's (P,) loss parts."""
+        self.first_bad.masked_fill_(~torch.isfinite(values) & (self.first_bad < 0), self.first + self.batches)
+        self.window += values
+        self.batches += 1
+
+    def read(self, reduce: Any = None) -> tuple[dict[str, float], dict[str, int]]:
+        """Mean of each part over the window (``reduce``: averages a tensor over processes), and the first
+        non-finite batch of each part that had one (this process); the window restarts."""
+        window = reduce(self.window) if reduce is not None else self.window
+        both = torch.cat([window, self.first_bad]).tolist()  # the window's one host synchronisation
+        sums, first_bad = both[: len(self.names)], both[len(self.names) :]
+        self.epoch = [e + v for e, v in zip(self.epoch, sums)]
+        means = {name: v / max(1, self.batches) for name, v in zip(self.names, sums)}
+        self.window.zero_()
+        self.first += self.batches
+        self.batches = 0
+        return means, {name: int(step) for name, step in zip(self.names, first_bad) if step >= 0}
 
 
 class JointTrainer:
@@ -128,6 +191,15 @@ class JointTrainer:
             sum(p.numel() for p in self.tokenizer.parameters()) / 1e6,
         )
 
+        # ---- numerics and host synchronisation of the training steps
+        self.bf16 = bf16_enabled(tc.bf16, self.device)
+        self.sync_every = tc.sync_every or (50 if self.device.type == "cuda" else 1)
+        if tc.compile:
+            self.model.compile()  # compiles forward() in place: parameter names and checkpoints stay as they are
+        logger.info("training numerics: bf16 autocast %s, TF32 %s, fused AdamW %s, loss read every %d step(s)%s",
+                    "on" if self.bf16 else "off", "on" if self.device.type == "cuda" else "off",
+                    "on" if self.device.type == "cuda" else "off", self.sync_every, ", torch.compile" * tc.compile)
+
         # ---- loaders
         self.train_set = SequenceDataset(splits["train"], cfg.data.max_his_len)
         self.train_loader = train_loader(
@@ -141,11 +213,13 @@ class JointTrainer:
             num_replicas=self.world,
             rank=self.rank,
             num_workers=tc.num_workers,
+            device=self.device,
         )
         self.eval_sets = {s: SequenceDataset(splits[s], cfg.data.max_his_len) for s in ("valid", "test")}
 
         self._build_optimizers()
         self.state = TrainerState()
+        self.budget = Deadline(None)  # fit() sets the run's deadline
         if resume is not None:
             self._restore(resume)
 
@@ -185,8 +259,8 @@ class JointTrainer:
         tok_epochs, rec_epochs = training_epochs(
             tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
         )
-        self.rec_opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr_rec, weight_decay=tc.weight_decay)
-        self.id_opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=tc.lr_id, weight_decay=tc.weight_decay)
+        self.rec_opt = adamw(self.model.parameters(), tc.lr_rec, tc.weight_decay, self.device)
+        self.id_opt = adamw(self.tokenizer.parameters(), tc.lr_id, tc.weight_decay, self.device)
         self.rec_sched = self._scheduler(self.rec_opt, tc.warmup_steps, rec_epochs * self.steps_per_epoch, "rec")
         self.id_sched = self._scheduler(
             self.id_opt, tc.warmup_steps // max(1, tc.cycle), tok_epochs * self.steps_per_epoch, "id"
@@ -238,7 +312,7 @@ class JointTrainer:
 
     def _make_finetune_optimizer(self) -> None:
         tc = self.cfg.train
-        self.ft_opt = torch.optim.AdamW(self.model.parameters(), lr=tc.finetune_lr, weight_decay=tc.weight_decay)
+        self.ft_opt = adamw(self.model.parameters(), tc.finetune_lr, tc.weight_decay, self.device)
         self.ft_sched = self._scheduler(self.ft_opt, 0, tc.finetune_epochs * self.steps_per_epoch, "finetune")
 
     # ------------------------------------------------------------------ checkpoints
@@ -278,9 +352,9 @@ class JointTrainer:
         w = plan.weights
         align = w.sia > 0 or w.psa > 0
         parts: dict[str, Tensor] = {}
-        first = first_occurrence(b.target) if (align or w.sq > 0) else None  # (M,) one row per distinct target
+        first = b.distinct  # (M,) one row per distinct target
         enc_u = dec_u = z_e = h_d = None
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         with torch.set_grad_enabled(plan.train_recommender), autocast:
             if w.rec > 0:
                 out = self.model(b.history_codes, b.target_codes)
@@ -309,20 +383,42 @@ class JointTrainer:
                 parts["psa"] = psa_loss(h_d, tout.recon, self.cfg.train.psa_tau)
         return parts
 
-    def _check_finite(self, parts: dict[str, Tensor], plan: EpochPlan, step: int) -> Tensor:
-        """Loss parts averaged over processes; raise on any non-finite value (all processes alike)."""
-        values = torch.stack([v.detach().float() for v in parts.values()])  # (P,)
-        if self.world > 1:
-            values = self.acc.reduce(values, reduction="mean")
-        if not bool(torch.isfinite(values).all()):
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, values))
-            bad = [k for k, v in zip(parts, values) if not math.isfinite(float(v))]
+    def accumulate(self, b: Batch, plan: EpochPlan, scale: int = 1) -> tuple[list[str], Tensor]:
+        """Backward of one batch's weighted loss divided by ``scale`` (the batches that share an optimizer step).
+
+        Returns the names of the unweighted loss parts and their (P,) values, left on the device (``LossSums``).
+        """
+        parts = self._losses(b, plan)
+        values = torch.stack([v.detach().float() for v in parts.values()])  # (P,) stays on the device
+        total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
+        (total / scale).backward()
+        return list(parts), values
+
+    def read_losses(self, sums: LossSums, plan: EpochPlan, groups: list, bar: Any = None) -> dict[str, float]:
+        """Read a window of loss sums (averaged over processes); raise on a non-finite part, else log it."""
+        s = self.state
+        first, last = sums.first, sums.first + sums.batches - 1
+        means, first_bad = sums.read(partial(self.acc.reduce, reduction="mean") if self.world > 1 else None)
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in means.items())
+            earliest = min(first_bad.values(), default=None)
+            origin = "" if earliest is None or first == last else (
+                f"; first non-finite: {', '.join(k for k, v in first_bad.items() if v == earliest)} at step {earliest}")
             raise TrainingError(
-                f"non-finite loss at epoch {self.state.epochs_done} ({plan.phase} phase), step {step} of the epoch "
-                f"(global step {self.state.global_step}): {shown}; non-finite parts: {bad}. Lower the learning rate "
-                "(lr_rec / lr_id / finetune_lr) or the weight of the failing term, or raise warmup_steps"
+                f"non-finite loss at epoch {s.epochs_done} ({plan.phase} phase), {steps} of the epoch (global step "
+                f"{s.global_step}): {shown}; non-finite parts: {bad}{origin}. Lower the learning rate (lr_rec / "
+                "lr_id / finetune_lr) or the weight of the failing term, or raise warmup_steps"
             )
-        return values
+        logged = {f"loss_{k}": v for k, v in means.items()}
+        logged["loss_total"] = sum(getattr(plan.weights, k) * v for k, v in means.items())
+        self.tb.scalars(s.global_step, logged, prefix="train/")
+        self.tb.scalars(s.global_step, {name: sch.get_last_lr()[0] for name, _, sch, _ in groups}, prefix="lr/")
+        if bar is not None:
+            done = max(1, last + 1)
+            bar.set_postfix({k: f"{v / done:.4f}" for k, v in zip(sums.names, sums.epoch)}, refresh=False)
+        return means
 
     def start_phase(self, plan: EpochPlan) -> list[tuple[str, torch.optim.Optimizer, Any, torch.nn.Module]]:
         """Train mode and gradients for the model(s) ``plan`` trains, eval mode and none for the other; returns
@@ -341,18 +437,6 @@ class JointTrainer:
         if plan.train_recommender:
             groups.append(("rec", self.rec_opt, self.rec_sched, self.model))
         return groups
-
-    def accumulate(self, batch: Batch, plan: EpochPlan, step: int, scale: int = 1) -> dict[str, float]:
-        """Backward of one batch's weighted loss divided by ``scale`` (the batches that share an optimizer step).
-
-        Returns the unweighted loss parts averaged over processes; a non-finite one raises on every process at
-        the same ``step`` (of the epoch).
-        """
-        parts = self._losses(batch, plan)
-        values = self._check_finite(parts, plan, step)
-        total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
-        (total / scale).backward()
-        return {k: float(v) for k, v in zip(parts, values)}
 
     def optimizer_step(self, groups: list) -> None:
         """Average gradients over processes, clip, step optimizers and schedules, clear gradients."""
@@ -379,8 +463,8 @@ class JointTrainer:
         groups = self.start_phase(plan)
         n_batches = len(self.train_loader)
         accum = tc.gradient_accumulation_steps
-        sums: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
+        sums: LossSums | None = None
+        steps, seen, start = 0, 0, time.perf_counter()
         bar = tqdm(
             total=n_batches,
             desc=f"epoch {s.epochs_done} {plan.phase}",
@@ -389,27 +473,25 @@ class JointTrainer:
             leave=False,
             file=sys.stdout,
         )
-        for i, batch in enumerate(self.train_loader):
-            batch = batch.to(self.device)
-            group_start = (i // accum) * accum
-            group_size = min(accum, n_batches - group_start)
-            values = self.accumulate(batch, plan, i, scale=group_size)
-            if i + 1 == group_start + group_size:
-                self.optimizer_step(groups)
-                s.global_step += 1
-                logged = {f"loss_{k}": v for k, v in values.items()}
-                logged["loss_total"] = sum(getattr(plan.weights, k) * v for k, v in values.items())
-                self.tb.scalars(s.global_step, logged, prefix="train/")
-                self.tb.scalars(s.global_step, {name: sch.get_last_lr()[0] for name, _, sch, _ in groups}, prefix="lr/")
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += batch.target.shape[0]
-            bar.update(1)
-            if i % 10 == 0:
-                bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()})
+        with cuda_tf32(self.device.type == "cuda"):
+            for i, batch in enumerate(self.train_loader):
+                batch = batch.to(self.device)
+                group_start = (i // accum) * accum
+                group_size = min(accum, n_batches - group_start)
+                names, values = self.accumulate(batch, plan, group_size)
+                sums = sums or LossSums(names, self.device)
+                sums.add(values)
+                seen += batch.target.shape[0]
+                bar.update(1)
+                if i + 1 == group_start + group_size:
+                    self.optimizer_step(groups)
+                    s.global_step += 1
+                    steps += 1
+                    if steps % self.sync_every == 0 or i + 1 == n_batches:
+                        self.read_losses(sums, plan, groups, bar)
         bar.close()
         seconds = time.perf_counter() - start
-        means = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
+        means = {f"loss_{k}": v / max(1, n_batches) for k, v in zip(sums.names, sums.epoch)} if sums else {}
         speed = seen * self.world / max(seconds, 1e-9)
         self.tb.scalars(s.epochs_done, {f"seq_per_s_{plan.phase}": speed}, prefix="speed/")
         logger.info(
@@ -464,6 +546,7 @@ class JointTrainer:
         s, tc = self.state, self.cfg.train
         start = time.perf_counter()
         metrics = self._evaluate("valid")
+        self.budget.record("eval", time.perf_counter() - start)
         score = metrics[tc.valid_metric]
         improved = score > s.best_score
         if improved:
@@ -507,16 +590,43 @@ class JointTrainer:
         return plan_epoch(self.state.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
                           converged=converged, weights=self.weights, warm_phase=tc.warm_phase)
 
-    def fit(self) -> dict[str, Any]:
-        """Run (or continue) both stages, test the best model, return the metrics."""
+    def _out_of_time(self) -> bool:
+        """Whether another epoch, a validation and the test would end past the deadline (same on every process)."""
+        if self.state.stage == "done":
+            return False
+        return not self.budget.room_for("epoch", "eval", "eval", accelerator=self.acc)
+
+    def _stop_for_budget(self) -> None:
+        """Leave the training loops for the test; validate first when no best model exists yet."""
+        s = self.state
+        logger.info("time budget: stopping after %d epochs (%s stage, epoch %d): one more epoch, a validation and "
+                    "the test would end past the deadline", s.epochs_done, s.stage, s.epoch)
+        if s.best_epoch < 0:  # validated as the epoch just trained, as the loop would have done
+            s.epochs_done -= 1
+            self._validate(s.stage, self.cfg.train.early_stop)
+            s.epochs_done += 1
+            self._save("last.pt", s.stage, s.best_metrics)
+
+    def fit(self, deadline: float | None = None) -> dict[str, Any]:
+        """Run (or continue) both stages, test the best model, return the metrics.
+
+        ``deadline`` (Unix seconds, None = none): training stops at the first epoch boundary from which one more
+        epoch, a validation and the test (each as long as the longest so far) would end past it; the best model
+        (validated then if no validation has run yet) is tested, and the result says ``stopped_by_budget``.
+        ``last.pt`` keeps the stage, so ``--resume`` continues such a run.
+        """
         s, tc = self.state, self.cfg.train
+        self.budget = Deadline(deadline)
         start = time.perf_counter()
-        while s.stage == "alternating":
+        stopped = False
+        while s.stage == "alternating" and not stopped:
+            epoch_start = time.perf_counter()
             plan = self._plan(converged=False)
             if any(plan.weights):
                 self._train_epoch(plan)
             if plan.refresh_codes:
                 self._refresh_codes()
+            self.budget.record("epoch", time.perf_counter() - epoch_start)
             last = s.epoch + 1 >= tc.epochs
             if (s.epoch + 1) % tc.eval_step == 0 or (last and s.best_epoch < 0):
                 self._validate(plan.phase, tc.early_stop)
@@ -530,9 +640,12 @@ class JointTrainer:
                 )
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
-        while s.stage == "finetune":
+            stopped = self._out_of_time()
+        while s.stage == "finetune" and not stopped:
+            epoch_start = time.perf_counter()
             plan = self._plan(converged=True)
             self._train_epoch(plan)
+            self.budget.record("epoch", time.perf_counter() - epoch_start)
             self._validate(plan.phase, tc.finetune_early_stop)
             s.epoch += 1
             s.epochs_done += 1
@@ -540,9 +653,12 @@ class JointTrainer:
                 logger.info("finetune stage done after %d epochs", s.epoch)
                 s.stage = "done"
             self._save("last.pt", plan.phase, s.best_metrics)
-        return self._test(time.perf_counter() - start)
+            stopped = self._out_of_time()
+        if stopped:
+            self._stop_for_budget()
+        return self._test(time.perf_counter() - start, stopped)
 
-    def _test(self, seconds: float) -> dict[str, Any]:
+    def _test(self, seconds: float, stopped_by_budget: bool) -> dict[str, Any]:
         from etegrec.pipeline import comparison_table
 
         tc = self.cfg.train
@@ -569,11 +685,15 @@ class JointTrainer:
             "test": test,
             "best_epoch": self.state.best_epoch,
             "epochs": self.state.epochs_done,
+            "stopped_by_budget": stopped_by_budget,
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
 
 
-def run(cfg: Config, accelerator: Any) -> dict[str, Any]:
-    """Joint training (both stages) and test; returns ``{"valid", "test", "best_epoch", "run_dir", ...}``."""
-    return JointTrainer(cfg, accelerator).fit()
+def run(cfg: Config, accelerator: Any, deadline: float | None = None) -> dict[str, Any]:
+    """Joint training (both stages) and test; returns ``{"valid", "test", "best_epoch", "run_dir", ...}``.
+
+    ``deadline``: Unix seconds by which the run stops at an epoch boundary and tests (``JointTrainer.fit``).
+    """
+    return JointTrainer(cfg, accelerator).fit(deadline)

@@ -50,6 +50,7 @@ class ItemCodes:
         self.code_num = code_num
         self.table = torch.cat([codes.new_full((1, codes.shape[1]), -1), codes]).share_memory_()  # (N+1, C)
         self._tries: dict[str, ItemTrie] = {}
+        self._tables: dict[str, Tensor] = {}  # copies of ``table`` on other devices
 
     @classmethod
     def from_file(
@@ -80,6 +81,16 @@ class ItemCodes:
             self._tries[key] = ItemTrie(self).to(device)
         return self._tries[key]
 
+    def table_on(self, device: torch.device | str) -> Tensor:
+        """``table`` on ``device``: itself on the CPU, elsewhere a copy made once per version of the codes."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.table
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = self.table.to(device)
+        return self._tables[key]
+
     def churn(self, codes: Tensor) -> dict[str, float]:
         """How much a new table (N, C) of items 1..N changes the IDs.
 
@@ -104,6 +115,7 @@ class ItemCodes:
         if not torch.equal(codes, self.table[1:]):
             self.table[1:].copy_(codes)
             self._tries.clear()
+            self._tables.clear()
 
 
 def _checked(codes: Any, code_num: int, n_items: int | None, code_length: int | None) -> Tensor:
