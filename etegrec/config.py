@@ -371,10 +371,14 @@ class Config:
         return resolve_path(value)
 
     def dataset_input(self, value: str) -> Path:
-        """An input file a config value names: absolute as given; a relative one from the repository root when it
-        exists there, else from the dataset folder."""
+        """An input file a config value names: absolute as given; a relative one from the dataset folder when it
+        (or its ``.gz``) is there, else from the repository root when it is there, else the dataset-folder path
+        (which the caller reports as missing)."""
         p = Path(value).expanduser()
-        return self.path(value) if p.is_absolute() or (REPO_ROOT / p).exists() else self.dataset_dir / p
+        if p.is_absolute():
+            return p
+        candidates = (self.dataset_dir / p, REPO_ROOT / p)
+        return next((c for c in candidates if c.exists() or c.with_name(c.name + ".gz").exists()), candidates[0])
 
     @property
     def dataset_dir(self) -> Path:

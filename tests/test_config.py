@@ -265,11 +265,14 @@ def test_paths_typed_on_the_command_line_may_be_relative_to_the_working_director
     assert resolve_path("~/x") == Path.home() / "x"
 
 
-def test_dataset_input_prefers_the_repository_root_then_the_dataset_folder(tmp_path: Path) -> None:
+def test_dataset_input_looks_in_the_dataset_folder_then_the_repository_root(tmp_path: Path) -> None:
     cfg = load_config(None, [f"--data_path={tmp_path}", "--dataset=toy"])
     assert cfg.dataset_input("toy_emb.npy") == tmp_path / "toy" / "toy_emb.npy"
     assert cfg.dataset_input("config/ml-100k.yaml") == REPO_ROOT / "config" / "ml-100k.yaml"
     assert cfg.dataset_input("/abs/v.npy") == Path("/abs/v.npy")
+    (tmp_path / "toy" / "config").mkdir(parents=True)
+    (tmp_path / "toy" / "config" / "ml-100k.yaml.gz").touch()  # the dataset folder wins, compressed or not
+    assert cfg.dataset_input("config/ml-100k.yaml") == tmp_path / "toy" / "config" / "ml-100k.yaml"
 
 
 def test_given_values_are_only_what_the_user_set(tmp_path: Path) -> None:

@@ -485,7 +485,7 @@ def test_beauty_p5(tmp_path: Path, shared_data: Path) -> None:
 
 def test_cgr_scientific(tmp_path: Path, shared_data: Path) -> None:
     cfg, stats = prepare_real(
-        tmp_path, "--dataset=Scientific", "--raw_format=cgr_json", "--raw_file=scientific2018_cgr"
+        tmp_path, "--dataset=Scientific", "--raw_format=cgr_json", f"--raw_file={shared_data / 'scientific2018_cgr'}"
     )
     assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (8317, 4344, 58492)
     assert (stats["raw"]["users"], stats["raw"]["items"], stats["raw"]["interactions"]) == (8317, 4344, 58492)

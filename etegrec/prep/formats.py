@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from etegrec.config import REPO_ROOT, Config
+from etegrec.config import Config
 from etegrec.prep import converters
 from etegrec.prep.amazon import AMAZON_FORMATS
 from etegrec.errors import PrepError
 from etegrec.prep.reading import RawFormat
 
-SHARED_DATA = Path(os.environ.get("ETEGREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
 def raw_formats() -> dict[str, RawFormat]:
     """All supported ``raw_format`` values."""
     return {**AMAZON_FORMATS, **converters.FORMATS}
-
-
-def resolve_input(cfg: Config, value: str) -> Path:
-    """A configured input path: absolute as given; a relative one is looked up in the dataset folder, then the
-    repository root, then the shared data folder (``$ETEGREC_SHARED_DATA``, default ``<repo>/../shared/data``);
-    when it is in none of them, the dataset-folder path is returned (and reported as missing)."""
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return p
-    candidates = [cfg.dataset_dir / p, cfg.path(value), SHARED_DATA / p]
-    return next((c for c in candidates if c.exists() or _with_gz(c).exists()), candidates[0])
 
 
 def _with_gz(path: Path) -> Path:
@@ -43,20 +28,20 @@ def find_inputs(cfg: Config, spec: RawFormat) -> tuple[Path, Path | None]:
     when it is not there (no item text). A ``meta_file`` given explicitly must exist.
     """
     d = cfg.data
-    raw = _with_gz(resolve_input(cfg, d.raw_file) if d.raw_file else spec.default_raw(cfg))
+    raw = _with_gz(cfg.dataset_input(d.raw_file) if d.raw_file else spec.default_raw(cfg))
     if not raw.exists():
         how = f"--raw_file={d.raw_file}" if d.raw_file else f"the default for raw_format={d.raw_format}"
         raise PrepError(
             f"raw interaction file {raw} does not exist ({how}). It comes from {spec.source}; "
             "or point --raw_file=PATH at it (relative paths are looked up in the dataset folder "
-            f"{cfg.dataset_dir}, then the repository root, then {SHARED_DATA})."
+            f"{cfg.dataset_dir}, then the repository root)."
         )
     if raw.is_dir():
         if spec.locate is None:
             raise PrepError(f"--raw_file={raw} is a folder; raw_format={d.raw_format} needs the review file itself.")
         raw = spec.locate(raw)
     if d.meta_file:
-        meta = _with_gz(resolve_input(cfg, d.meta_file))
+        meta = _with_gz(cfg.dataset_input(d.meta_file))
         if not meta.is_file():
             raise PrepError(
                 f"metadata file {meta} (--meta_file={d.meta_file}) does not exist. It comes from the same source as "
