@@ -74,10 +74,10 @@ RANGES: dict[str, tuple[str, ...]] = {
     "> 0": ("sasrec_lr", "rq_lr", "lr_rec", "lr_id", "finetune_lr", "grpo_lr", "psa_tau", "grpo_temperature"),
     ">= 0": (
         "sasrec_seed", "beta", "rq_weight_decay", "rq_warmup_epochs", "rq_seed", "sk_epsilons", "seed",
-        "weight_decay", "warmup_steps", "warm_epoch", "id_vq_loss", "id_kl_loss", "id_dec_cl_loss", "rec_code_loss",
-        "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs", "max_grad_norm", "max_batch_tokens",
-        "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff", "grpo_reward_alpha", "grpo_epochs",
-        "grpo_max_grad_norm", "grpo_epoch_updates",
+        "weight_decay", "id_weight_decay", "code_refresh_margin", "warmup_steps", "warm_epoch", "id_vq_loss",
+        "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs",
+        "max_grad_norm", "max_batch_tokens", "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff",
+        "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm", "grpo_epoch_updates",
     ),
     ">= 1": (
         "max_his_len", "sasrec_hidden_size", "sasrec_layers", "sasrec_heads", "sasrec_epochs", "sasrec_batch_size",
@@ -89,7 +89,7 @@ RANGES: dict[str, tuple[str, ...]] = {
     ),
     ">= 2": ("code_length", "grpo_group_size"),
     ">= 3": ("min_interactions",),
-    "in [0, 1)": ("max_bad_line_share", "sasrec_dropout", "dropout_prob", "dropout_rate"),
+    "in [0, 1)": ("max_bad_line_share", "sasrec_dropout", "dropout_prob", "dropout_rate", "warmup_ratio"),
     "in (0, 1)": ("grpo_clip_range",),
 }
 _IN_RANGE: dict[str, Callable[[float], bool]] = {
@@ -113,6 +113,15 @@ def resolve_path(value: str | Path, *, working_dir_first: bool = False) -> Path:
     if working_dir_first and p.exists():
         return p.resolve()
     return REPO_ROOT / p
+
+
+def sia_temperature(value: str) -> float | None:
+    """The fixed SIA temperature ``value`` names, or None for ``auto`` and for anything that is not > 0."""
+    try:
+        tau = float(value)
+    except ValueError:
+        return None
+    return tau if tau > 0 else None
 
 
 def _f(default: Any, help: str) -> Any:
@@ -248,8 +257,16 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "users per evaluation batch per process")
     lr_rec: float = _f(0.005, "recommender AdamW learning rate")
     lr_id: float = _f(0.0001, "tokenizer AdamW learning rate")
-    weight_decay: float = _f(0.05, "AdamW weight decay")
-    warmup_steps: int = _f(8000, "recommender warm-up steps (tokenizer: warmup_steps // cycle)")
+    weight_decay: float = _f(0.05, "recommender AdamW weight decay (also the finetune phase's)")
+    id_weight_decay: float = _f(0.05, "tokenizer AdamW weight decay")
+    warmup_steps: int = _f(
+        8000, "recommender warm-up steps (tokenizer: warmup_steps // cycle); used only when warmup_ratio is 0"
+    )
+    warmup_ratio: float = _f(
+        0.0,
+        "linear warm-up as a share of the steps each optimiser takes (recommender and tokenizer alike), so it "
+        "means the same on every dataset and batch size; 0 = use warmup_steps",
+    )
     lr_scheduler_type: str = _f("cosine", "learning-rate schedule after the warm-up")
     cycle: int = _f(2, "epochs per alternating cycle: 1 tokenizer epoch, then cycle-1 recommender epochs")
     eval_step: int = _f(2, "validate every eval_step epochs")
@@ -268,6 +285,20 @@ class TrainConfig:
     rec_dec_cl_loss: float = _f(0.0003, "recommender phase: weight lambda of PSA")
     alpha: float = _f(1.0, "weight of the residual-quantisation loss inside L_SQ")
     psa_tau: float = _f(0.07, "PSA InfoNCE temperature")
+    sia_tau: str = _f(
+        "auto",
+        "SIA temperature: code distributions are softmax(-distance / sia_tau) per level. auto = per level, the "
+        "median gap between the nearest and second-nearest code distance over the catalogue, recomputed at "
+        "every code refresh (1 = the paper's softmax(-distance))",
+    )
+    code_refresh_margin: float = _f(
+        0.0,
+        "a code refresh keeps an item's code at a level unless another code is nearer by more than this many "
+        "median nearest/second-nearest distance gaps of that level (0 = always take the new assignment)",
+    )
+    eval_after_refresh: bool = _f(
+        False, "validate right after every code refresh too (logs the validation change the new IDs cause)"
+    )
     finetune_lr: float = _f(0.0005, "final phase (tokenizer frozen) learning rate")
     finetune_epochs: int = _f(100, "final phase maximum epochs")
     finetune_early_stop: int = _f(10, "final phase patience in evaluations")
@@ -412,6 +443,14 @@ class Config:
                               f"sasrec_heads={s.sasrec_heads}", "sasrec_hidden_size")
         if not self.text.text_fields:
             raise ConfigError("text_fields is empty; name at least one item text field, e.g. title", "text_fields")
+        if tr.warmup_ratio > 0 and tr.warmup_steps > 0:
+            raise ConfigError(
+                f"warmup_ratio={tr.warmup_ratio} and warmup_steps={tr.warmup_steps} both set; keep one and set the "
+                "other to 0", "warmup_ratio"
+            )
+        if sia_temperature(tr.sia_tau) is None and tr.sia_tau != "auto":
+            raise ConfigError(f"sia_tau={tr.sia_tau!r}; use auto or a positive number (1 = the paper's distributions)",
+                              "sia_tau")
         if tr.rec_code_loss == 0:
             raise ConfigError("rec_code_loss=0 leaves the recommender without its recommendation loss; use e.g. 1.0",
                               "rec_code_loss")

@@ -96,6 +96,11 @@ def test_aliases() -> None:
         (["--metrics=hr@10", "--valid_metric=hr@10"], "metrics entry 'hr@10' is not recall@K or ndcg@K"),
         (["--sasrec_hidden_size=6"], "sasrec_hidden_size=6 must be divisible by sasrec_heads=4 (command line)"),
         (["lr_rec=0.1"], "overrides look like --key=value"),
+        (["--warmup_ratio=0.1"], "warmup_ratio=0.1 and warmup_steps=8000 both set"),
+        (["--warmup_ratio=1", "--warmup_steps=0"], "warmup_ratio=1.0 must be in [0, 1)"),
+        (["--sia_tau=cold"], "sia_tau='cold'; use auto or a positive number"),
+        (["--sia_tau=0"], "sia_tau='0'; use auto or a positive number"),
+        (["--code_refresh_margin=-1"], "code_refresh_margin=-1.0 must be >= 0"),
     ],
 )
 def test_errors_name_the_key(argv: list[str], fragment: str) -> None:
