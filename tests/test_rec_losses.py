@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from etegrec.rec.losses import first_occurrence, psa_loss, rec_loss, sia_loss, sq_loss
-from etegrec.tokenizer.quantizer import code_log_probs
+from etegrec.rec.losses import code_entropy, first_occurrence, psa_loss, rec_loss, sia_loss, sq_loss
+from etegrec.tokenizer.quantizer import ResidualQuantizer, code_log_probs, nearest_code_gap
 
 
 def test_rec_loss_is_mean_token_cross_entropy() -> None:
@@ -76,3 +76,30 @@ def test_first_occurrence_matches_numpy_unique() -> None:
     # distinct values sorted: 3 (first at 1), 5 (at 0), 7 (at 3)
     assert first_occurrence(ids).tolist() == [1, 0, 3]
     assert first_occurrence(torch.tensor([4])).tolist() == [0]
+
+
+def test_code_entropy_of_uniform_and_one_hot_levels() -> None:
+    uniform = torch.full((2, 1, 4), 0.25).log()  # (M, L, K)
+    peaked = torch.log_softmax(torch.tensor([[[0.0, -1e4, -1e4, -1e4]]]).expand(2, 1, 4), dim=-1)
+    torch.testing.assert_close(code_entropy(torch.cat([uniform, peaked], dim=1)), torch.tensor([math.log(4), 0.0]))
+
+
+def test_sia_at_the_auto_temperature_tells_a_matching_sequence_from_another() -> None:
+    # An L2-normalised-scale latent space (norm 0.5) as the dual tokenizer input gives: codebooks from k-means.
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(1024, 16), dim=1) * 0.5  # (N, e) item latents
+    quantizer = ResidualQuantizer(num_emb_list=[32, 32, 32], e_dim=16)
+    quantizer.init_kmeans(z, iters=20, seed=0)
+    with torch.no_grad():
+        target = quantizer(z).distances  # (N, L, K)
+        matching = quantizer(z + 0.02 * torch.randn_like(z)).distances  # sequence states near their targets
+        other = quantizer(z[torch.randperm(len(z))]).distances  # sequence states of other items
+    tau = nearest_code_gap(target)  # (L,) the default sia_tau=auto
+    assert bool((tau < 0.1).all())  # distances here are far below 1, so tau = 1 flattens the distributions
+
+    def sia(seq: torch.Tensor, t: torch.Tensor | float) -> float:
+        return float(sia_loss(code_log_probs(target, t), code_log_probs(seq, t)))
+
+    assert sia(other, tau) > 1.0 and sia(matching, tau) < 0.1 * sia(other, tau)
+    # at the paper's temperature 1 the same two sequences differ by less than 0.01 nats: SIA carries no signal
+    assert sia(other, 1.0) - sia(matching, 1.0) < 0.01

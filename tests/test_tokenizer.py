@@ -26,7 +26,7 @@ from etegrec.tokenizer import (
     sinkhorn_codes,
 )
 from etegrec.tokenizer.pretrain import resolve_rqvae_path, run
-from etegrec.tokenizer.quantizer import grouped_sinkhorn_codes
+from etegrec.tokenizer.quantizer import grouped_sinkhorn_codes, nearest_code_gap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -378,3 +378,45 @@ def test_revive_dead_codes_moves_only_dead_codes_onto_residuals() -> None:
     assert torch.equal(w[[0, 2]], before[0][[0, 2]]) and torch.equal(q.codebooks[1].weight.detach(), before[1])
     for row in w[[1, 3]]:  # a revived level-1 code is one of the level-1 residuals, i.e. a row of z
         assert bool((z == row).all(dim=1).any())
+
+
+def test_code_log_probs_temperature_per_level() -> None:
+    d = torch.tensor([[[0.0, 0.2], [0.0, 0.02]]])  # (1, L=2, K=2)
+    lp = code_log_probs(d, torch.tensor([0.2, 0.02]))  # each level's gap divided by its own temperature -> 1
+    torch.testing.assert_close(lp.exp()[0, 0], lp.exp()[0, 1])
+    torch.testing.assert_close(lp.exp()[0, 0, 0] / lp.exp()[0, 0, 1], torch.tensor(math.e))
+
+
+def test_nearest_code_gap_is_the_median_gap_per_level() -> None:
+    # 3 vectors, 1 level, 3 codes: gaps 0.5 - 0.1 = 0.4, 0.3 - 0.2 = 0.1, 2.0 - 1.0 = 1.0 -> median 0.4
+    d = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.2, 0.8], [2.0, 3.0, 1.0]]).unsqueeze(1)  # (N, 1, K)
+    torch.testing.assert_close(nearest_code_gap(d), torch.tensor([0.4]))
+
+
+def test_codes_with_margin_keep_previous_codes_unless_clearly_beaten() -> None:
+    q = ResidualQuantizer(num_emb_list=[2, 2], e_dim=1)
+    with torch.no_grad():
+        q.codebooks[0].weight.copy_(torch.tensor([[0.0], [1.0]]))
+        q.codebooks[1].weight.copy_(torch.tensor([[0.0], [0.3]]))
+    z = torch.tensor([[0.55]])  # level 1: code 1 nearer by 0.55^2 - 0.45^2 = 0.1
+    previous = torch.tensor([[0, 1]])
+    # margin below the advantage: code 1 at level 1; the level-2 residual is then -0.45, whose nearest code
+    # is 0, and the previous level-2 code is not kept (its prefix changed) even with a huge level-2 margin
+    assert q.codes_with_margin(z, previous, torch.tensor([0.05, 100.0])).tolist() == [[1, 0]]
+    # margin above the advantage: level 1 kept (residual 0.55, nearest level-2 code 1 = previous): all kept
+    assert q.codes_with_margin(z, previous, torch.tensor([0.2, 0.0])).tolist() == [[0, 1]]
+    # margin 0 with a strictly nearer code is the plain nearest-code assignment
+    x = torch.randn(200, 1)
+    assert torch.equal(q.codes_with_margin(x, torch.zeros(200, 2, dtype=torch.long), torch.zeros(2)), q(x).codes)
+
+
+def test_build_item_codes_with_a_large_margin_changes_no_id() -> None:
+    model = small_model().eval()
+    x = torch.randn(64, 12)
+    before, _ = build_item_codes(model, x, code_num=64)  # (N, L+1); code_num bounds the suffix only
+    with torch.no_grad():
+        for emb in model.rq.codebooks:
+            emb.weight.add_(0.05 * torch.randn_like(emb.weight))  # the tokenizer moves
+    moved, _ = build_item_codes(model, x, code_num=64)
+    kept, _ = build_item_codes(model, x, code_num=64, previous=before, margins=torch.full((3,), 1e6))
+    assert not torch.equal(moved, before) and torch.equal(kept, before)

@@ -4,6 +4,7 @@
 * ``sq_loss``: L_SQ, the tokenizer's reconstruction + ``alpha`` x residual-quantisation loss.
 * ``sia_loss``: L_SIA, symmetric KL between the code distributions of the target item and of the sequence.
 * ``psa_loss``: L_PSA, two-way InfoNCE between h_D and the reconstruction z~ with in-batch negatives.
+* ``code_entropy``: mean entropy per level of code distributions (how peaked SIA's distributions are).
 * ``first_occurrence``: rows holding the first occurrence of each distinct target (SIA/PSA/L_SQ use one row per
   distinct item so a repeated target is neither counted twice nor its own negative).
 
@@ -52,6 +53,11 @@ def sia_loss(target_log_probs: Tensor, seq_log_probs: Tensor) -> Tensor:
     """
     diff = target_log_probs.exp() - seq_log_probs.exp()  # (M, L, K)
     return (diff * (target_log_probs - seq_log_probs)).sum(-1).mean()
+
+
+def code_entropy(log_probs: Tensor) -> Tensor:
+    """Mean entropy (nats) of each level's code distribution: (M, L, K) log-probabilities -> (L,)."""
+    return -(log_probs.exp() * log_probs).sum(-1).mean(0)
 
 
 def psa_loss(pref: Tensor, recon: Tensor, tau: float) -> Tensor:

@@ -314,6 +314,8 @@ def build_item_codes(
     code_num: int,
     sk_epsilons: Sequence[float] | None = None,
     sk_iters: int = 50,
+    previous: Tensor | None = None,
+    margins: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """The item-code table of a tokenizer: (N, d_s) vectors -> ((N, L+1) codes with suffix, collision stats).
 
@@ -323,7 +325,14 @@ def build_item_codes(
         code_num: codebook size (bound for the suffix).
         sk_epsilons: optional Sinkhorn at assignment time (None = nearest code, as joint training does).
         sk_iters: Sinkhorn rounds.
+        previous: (N, L) or (N, L+1) codes of the last table; with ``margins``, an item keeps its previous code
+            at a level unless another code is nearer by more than that level's margin.
+        margins: (L,) squared-distance margins (see ``ResidualQuantizer.codes_with_margin``).
     """
-    codes = model.get_codes(vectors, sk_epsilons=sk_epsilons, sk_iters=sk_iters)  # (N, L)
+    if previous is not None and margins is not None:
+        levels = len(margins)
+        codes = model.codes_with_margin(vectors, previous[:, :levels], margins, sk_epsilons, sk_iters)  # (N, L)
+    else:
+        codes = model.get_codes(vectors, sk_epsilons=sk_epsilons, sk_iters=sk_iters)  # (N, L)
     stats = collision_stats(codes, code_num)
     return add_suffix(codes, code_num), stats

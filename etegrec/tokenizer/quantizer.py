@@ -63,17 +63,36 @@ def squared_distances(v: Tensor, codebook: Tensor) -> Tensor:
     ).clamp_min(0.0)
 
 
-def code_log_probs(distances: Tensor) -> Tensor:
-    """Per-level code distribution ``log P(k | v) = log_softmax(-||v - e_k||^2)`` (paper Eq. 6).
+def code_log_probs(distances: Tensor, tau: Tensor | float = 1.0) -> Tensor:
+    """Per-level code distribution ``log P(k | v) = log_softmax(-||v - e_k||^2 / tau)`` (paper Eq. 6 at tau 1).
 
     Args:
-        distances: (..., K) squared distances, e.g. ``QuantizerOutput.distances`` (B, L, K).
+        distances: (..., L, K) squared distances, e.g. ``QuantizerOutput.distances`` (B, L, K).
+        tau: temperature, a float or one value per level (L,).
 
     Returns:
-        (..., K) log-probabilities (the reference code used ``+distances`` by mistake, which puts most mass on
-        the farthest codes).
+        (..., L, K) log-probabilities (the reference code used ``+distances`` by mistake, which puts most mass
+        on the farthest codes).
     """
-    return F.log_softmax(-distances, dim=-1)
+    if isinstance(tau, Tensor):
+        tau = tau.to(distances).unsqueeze(-1)  # (L, 1) broadcast over codes
+    return F.log_softmax(-distances / tau, dim=-1)
+
+
+def nearest_code_gap(distances: Tensor) -> Tensor:
+    """Per-level median gap between the second-nearest and the nearest code's squared distance.
+
+    The natural distance unit of a level: at a temperature equal to it, the median item's nearest code is
+    ``e`` times as likely as its second-nearest under ``softmax(-distance / tau)``.
+
+    Args:
+        distances: (N, L, K) squared distances of N vectors along their nearest-code path.
+
+    Returns:
+        (L,) positive gaps.
+    """
+    two = distances.topk(2, dim=-1, largest=False).values  # (N, L, 2) ascending
+    return (two[..., 1] - two[..., 0]).median(dim=0).values.clamp_min(1e-12)  # (L,)
 
 
 def _group_logsumexp(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
@@ -275,6 +294,51 @@ class ResidualQuantizer(nn.Module):
             distances=torch.stack(dists, dim=1),  # (B, L, K)
             loss=torch.stack(losses).mean(),
         )
+
+    @torch.no_grad()
+    def codes_with_margin(
+        self,
+        z: Tensor,
+        previous: Tensor,
+        margins: Tensor,
+        sk_epsilons: Sequence[float] | None = None,
+        sk_iters: int = 50,
+    ) -> Tensor:
+        """Code tuples of ``z`` that keep each vector's previous code unless a new one is clearly nearer.
+
+        Level by level, the usual assignment (nearest code, or Sinkhorn where ``sk_epsilons`` > 0) proposes a
+        code; a vector whose earlier levels kept their previous codes keeps its previous code at this level too
+        when that code's squared distance exceeds the proposal's by at most ``margins[level]``. Residuals follow
+        the codes actually chosen, so deeper levels are assigned on the kept path.
+
+        Args:
+            z: (N, e) latents.
+            previous: (N, L) long codes of the last assignment.
+            margins: (L,) squared-distance margins (0 keeps a previous code only on an exact tie).
+            sk_epsilons: Sinkhorn epsilon per level (None = nearest code everywhere).
+            sk_iters: Sinkhorn rounds.
+
+        Returns:
+            (N, L) long codes.
+        """
+        if previous.shape != (z.shape[0], self.num_levels):
+            raise ValueError(f"previous codes {tuple(previous.shape)} do not match ({z.shape[0]}, {self.num_levels})")
+        previous = previous.to(z.device).long()
+        residual = z  # (N, e)
+        unchanged = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)  # (N,) prefix kept so far
+        codes: list[Tensor] = []
+        for level, emb in enumerate(self.codebooks):
+            d = squared_distances(residual, emb.weight)  # (N, K)
+            eps = 0.0 if sk_epsilons is None else float(sk_epsilons[level])
+            prefix = torch.stack(codes, dim=1) if codes else None
+            proposed = balanced_codes(d, prefix, eps, sk_iters) if eps > 0 else d.argmin(dim=1)  # (N,)
+            old = previous[:, level]  # (N,)
+            advantage = d.gather(1, old[:, None]).squeeze(1) - d.gather(1, proposed[:, None]).squeeze(1)  # (N,)
+            c = torch.where(unchanged & (advantage <= float(margins[level])), old, proposed)  # (N,)
+            unchanged &= c == old
+            residual = residual - emb.weight[c]
+            codes.append(c)
+        return torch.stack(codes, dim=1)  # (N, L)
 
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """Sum of the chosen code vectors: (B, L) long -> (B, e)."""

@@ -156,6 +156,28 @@ class RQVAE(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def catalogue_distances(self, x: Tensor, batch_size: int = 4096) -> Tensor:
+        """Squared distances to every code along the nearest-code path: (N, in_dim) -> (N, L, K), eval mode."""
+        z = self.encode(x, batch_size)  # (N, e)
+        return torch.cat([self.rq(z[i : i + batch_size]).distances for i in range(0, len(z), batch_size)])
+
+    @torch.no_grad()
+    def codes_with_margin(
+        self,
+        x: Tensor,
+        previous: Tensor,
+        margins: Tensor,
+        sk_epsilons: Sequence[float] | None = None,
+        sk_iters: int = 50,
+    ) -> Tensor:
+        """Code tuples of many vectors that keep previous codes within ``margins``: (N, in_dim) -> (N, L).
+
+        See ``ResidualQuantizer.codes_with_margin``; all N vectors are assigned at once (Sinkhorn balances over
+        the whole set, as ``get_codes`` with ``sk_epsilons``).
+        """
+        return self.rq.codes_with_margin(self.encode(x), previous, margins, sk_epsilons, sk_iters)
+
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """Quantised latents of code tuples: (B, L) -> (B, e)."""
         return self.rq.codes_to_vectors(codes)
