@@ -345,3 +345,42 @@ def test_code_refresh_logs_the_level_where_each_id_first_changes(tmp_path, accel
     joint._refresh_codes()
     assert logged["churn_first_level1"] == 0.0 and logged["churn_first_level3"] == 0.0
     assert logged["churn_first_level2"] == logged["prefix_churn"] == 1.0
+
+
+def test_code_refresh_margin_keeps_ids_the_tokenizer_barely_moved(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, code_refresh_margin=1e6)  # margin far above any distance difference
+    joint = trainer.JointTrainer(cfg, accelerator)
+    logged = {}
+    joint.tb.scalars = lambda step, values, prefix="": logged.update(values)
+    before = joint.codes.codes.clone()
+    level2 = joint.tokenizer.rq.codebooks[1].weight
+    with torch.no_grad():
+        level2.copy_(level2.roll(1, dims=0))  # with margin 0 every ID changes at level 2 (test above)
+    joint._refresh_codes()
+    assert logged["churn"] == 0.0 and torch.equal(joint.codes.codes, before)
+
+
+def test_warmup_ratio_is_a_share_of_each_optimisers_steps(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=8, warmup_steps=0, warmup_ratio=0.25)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    steps = joint.steps_per_epoch  # cycle 2: 4 tokenizer and 4 recommender epochs
+    assert joint.rec_sched.lr_lambdas[0].warmup_steps == round(0.25 * 4 * steps)
+    assert joint.id_sched.lr_lambdas[0].warmup_steps == round(0.25 * 4 * steps)
+    assert joint.rec_sched.lr_lambdas[0].total_steps == 4 * steps
+
+
+def test_tokenizer_epoch_logs_sia_entropies_and_encoder_gradient(tmp_path, accelerator) -> None:
+    cfg = make_tiny_dataset(tmp_path, id_kl_loss=1.0)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    logged = {}
+    joint.tb.scalars = lambda step, values, prefix="": logged.update({prefix + k: v for k, v in values.items()})
+    plan = joint._plan(converged=False)
+    assert plan.phase == "tokenizer" and plan.weights.sia > 0
+    joint._train_epoch(plan)
+    levels = len(cfg.tokenizer.num_emb_list)
+    for side in ("target", "sequence"):
+        for level in range(1, levels + 1):
+            assert 0.0 <= logged[f"sia/entropy_{side}_l{level}"] <= math.log(cfg.model.code_num) + 1e-6
+    assert logged["sia/grad_norm_encoder_sia"] > 0.0 and logged["sia/grad_norm_encoder_total"] > 0.0
+    gap = [logged[f"sia/tau_l{level}"] for level in range(1, levels + 1)]  # sia_tau=auto: the measured gaps
+    torch.testing.assert_close(torch.tensor(gap), joint.code_gap)

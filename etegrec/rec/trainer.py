@@ -31,6 +31,12 @@ Deviations from the reference code:
   (seed, epoch, rank), and optimizer / scheduler / trainer state come from the checkpoint.
 * The finetune stage starts from the best alternating checkpoint, keeps its best score (``best.pt`` is only
   replaced by a better model) and writes into the same files, never the reference's clashing ``{epoch}.pt``.
+* SIA's code distributions are ``softmax(-distance / sia_tau)``; ``sia_tau=auto`` uses, per level, the median gap
+  between the nearest and second-nearest code distance over the catalogue (re-measured at every code refresh).
+  With L2-normalised tokenizer inputs all distances are far below 1, so the paper's ``softmax(-distance)`` is
+  nearly uniform and SIA carries almost no signal. The same gap is the unit of ``code_refresh_margin``: a refresh
+  keeps an item's code at a level unless another is nearer by more than that many gaps.
+* Warm-up can be a share of each optimiser's steps (``warmup_ratio``); the tokenizer has its own weight decay.
 * Speed and memory knobs the reference lacks (all off by default except bucketing): length-bucketed batches
   padded to the batch maximum (``bucket_window``), a per-batch token budget (``max_batch_tokens``), a random
   subset of records per epoch (``epoch_records``) and ``torch.compile`` of the recommender (``compile``).
@@ -59,12 +65,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from etegrec.artifacts import DatasetFiles, load_item_map, load_splits
-from etegrec.config import Config
+from etegrec.config import Config, sia_temperature
 from etegrec.errors import TrainingError
 from etegrec.rec.checkpoint import build_recommender, read_joint, read_joint_resume, save_joint
 from etegrec.rec.data import Batch, SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
-from etegrec.rec.losses import psa_loss, sia_loss, sq_loss
+from etegrec.rec.losses import code_entropy, psa_loss, sia_loss, sq_loss
 from etegrec.rec.model import EncoderOut
 from etegrec.rec.schedule import ConfigWeights, EpochPlan, build_scheduler, plan_epoch, training_epochs
 from etegrec.runtime import (
@@ -78,7 +84,7 @@ from etegrec.runtime import (
 )
 from etegrec.tokenizer.item_codes import ItemCodes, build_item_codes
 from etegrec.tokenizer.pretrain import resolve_rqvae_path
-from etegrec.tokenizer.quantizer import code_log_probs
+from etegrec.tokenizer.quantizer import code_log_probs, nearest_code_gap
 from etegrec.tokenizer.rqvae import RQVAE, load_rqvae, load_tokenizer_state
 
 logger = logging.getLogger("etegrec.rec")
@@ -222,8 +228,27 @@ class JointTrainer:
         self.budget = Deadline(None)  # fit() sets the run's deadline
         if resume is not None:
             self._restore(resume)
+        # (L,) distance unit per level: SIA's temperature under sia_tau=auto and the unit of code_refresh_margin
+        self.code_gap = self._nearest_code_gap()
+        self._sia_entropy: list[Tensor] = []  # (2, L) per step of the current epoch: target / sequence entropy
+        self._grad_norms: dict[str, list[float]] = {"sia": [], "total": []}  # tokenizer encoder, sampled steps
+        self._sia_steps = 0  # tokenizer-phase batches with SIA in the current epoch (every 10th is sampled)
+        self._last_valid: dict[str, float] = {}  # latest validation metrics (compared after a code refresh)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _nearest_code_gap(self) -> Tensor:
+        """(L,) median nearest/second-nearest code distance gap of the current tokenizer over the catalogue."""
+        gap = nearest_code_gap(self.tokenizer.catalogue_distances(self.vectors[1:]))  # (L,)
+        logger.info("code distance unit (median nearest/second-nearest gap) per level: %s",
+                    "/".join(f"{g:.4g}" for g in gap.tolist()))
+        return gap
+
+    @property
+    def sia_tau(self) -> Tensor | float:
+        """SIA temperature: the configured number, or the per-level distance gap (L,) under ``auto``."""
+        fixed = sia_temperature(self.cfg.train.sia_tau)
+        return self.code_gap if fixed is None else fixed
+
     def _load_tokenizer(self, resume: dict[str, Any] | None) -> None:
         """The tokenizer and its item codes: the resumed run's, else those of the pretrained RQ-VAE."""
         cfg, m = self.cfg, self.cfg.model
@@ -260,11 +285,14 @@ class JointTrainer:
             tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
         )
         self.rec_opt = adamw(self.model.parameters(), tc.lr_rec, tc.weight_decay, self.device)
-        self.id_opt = adamw(self.tokenizer.parameters(), tc.lr_id, tc.weight_decay, self.device)
-        self.rec_sched = self._scheduler(self.rec_opt, tc.warmup_steps, rec_epochs * self.steps_per_epoch, "rec")
-        self.id_sched = self._scheduler(
-            self.id_opt, tc.warmup_steps // max(1, tc.cycle), tok_epochs * self.steps_per_epoch, "id"
-        )
+        self.id_opt = adamw(self.tokenizer.parameters(), tc.lr_id, tc.id_weight_decay, self.device)
+        rec_steps, id_steps = rec_epochs * self.steps_per_epoch, tok_epochs * self.steps_per_epoch
+        if tc.warmup_ratio > 0:
+            rec_warmup, id_warmup = round(tc.warmup_ratio * rec_steps), round(tc.warmup_ratio * id_steps)
+        else:
+            rec_warmup, id_warmup = tc.warmup_steps, tc.warmup_steps // max(1, tc.cycle)
+        self.rec_sched = self._scheduler(self.rec_opt, rec_warmup, rec_steps, "rec")
+        self.id_sched = self._scheduler(self.id_opt, id_warmup, id_steps, "id")
         self.ft_opt: torch.optim.Optimizer | None = None
         self.ft_sched: Any = None
         self.weights = ConfigWeights(
@@ -281,7 +309,7 @@ class JointTrainer:
         if total > 0 and warmup >= total:
             logger.warning(
                 "%s schedule: warm-up of %d steps >= the %d steps this optimizer takes, so its learning rate never "
-                "reaches its peak; lower warmup_steps (e.g. to %d)",
+                "reaches its peak; lower warmup_steps (e.g. to %d) or use warmup_ratio",
                 name,
                 warmup,
                 total,
@@ -377,8 +405,11 @@ class JointTrainer:
                 parts["sq"] = sq_loss(tout.loss_recon, tout.loss_rq, self.cfg.train.alpha)
             if w.sia > 0:
                 # Grad reaches z_E when the recommender trains and the codebooks when the tokenizer trains.
-                seq_lp = code_log_probs(self.tokenizer.rq(z_e).distances)  # (M, L, K)
-                parts["sia"] = sia_loss(code_log_probs(tout.distances), seq_lp)
+                seq_lp = code_log_probs(self.tokenizer.rq(z_e).distances, self.sia_tau)  # (M, L, K)
+                target_lp = code_log_probs(tout.distances, self.sia_tau)  # (M, L, K)
+                parts["sia"] = sia_loss(target_lp, seq_lp)
+                entropies = [code_entropy(target_lp.detach()), code_entropy(seq_lp.detach())]  # 2 x (L,)
+                self._sia_entropy.append(torch.stack(entropies))
             if w.psa > 0:
                 parts["psa"] = psa_loss(h_d, tout.recon, self.cfg.train.psa_tau)
         return parts
@@ -391,7 +422,14 @@ class JointTrainer:
         parts = self._losses(b, plan)
         values = torch.stack([v.detach().float() for v in parts.values()])  # (P,) stays on the device
         total = sum(getattr(plan.weights, k) * v for k, v in parts.items())
+        has_sia = plan.train_tokenizer and "sia" in parts  # a tokenizer step that SIA's gradient reaches
+        sample_grads = has_sia and scale == 1 and self._sia_steps % 10 == 0
+        self._sia_steps += int(has_sia)
+        if sample_grads:
+            self._grad_norms["sia"].append(self._encoder_grad_norm(plan.weights.sia * parts["sia"]))
         (total / scale).backward()
+        if sample_grads:
+            self._grad_norms["total"].append(self._encoder_grad_norm(None))
         return list(parts), values
 
     def read_losses(self, sums: LossSums, plan: EpochPlan, groups: list, bar: Any = None) -> dict[str, float]:
@@ -464,6 +502,7 @@ class JointTrainer:
         n_batches = len(self.train_loader)
         accum = tc.gradient_accumulation_steps
         sums: LossSums | None = None
+        self._sia_entropy, self._grad_norms, self._sia_steps = [], {"sia": [], "total": []}, 0
         steps, seen, start = 0, 0, time.perf_counter()
         bar = tqdm(
             total=n_batches,
@@ -494,6 +533,7 @@ class JointTrainer:
         means = {f"loss_{k}": v / max(1, n_batches) for k, v in zip(sums.names, sums.epoch)} if sums else {}
         speed = seen * self.world / max(seconds, 1e-9)
         self.tb.scalars(s.epochs_done, {f"seq_per_s_{plan.phase}": speed}, prefix="speed/")
+        self._log_sia_diagnostics(plan)
         logger.info(
             "epoch %d %-11s | %s | %.1f s, %.1f seq/s, peak memory %.0f MB",
             s.epochs_done,
@@ -506,14 +546,58 @@ class JointTrainer:
         return means
 
     # ------------------------------------------------------------------ codes and evaluation
+    def _encoder_grad_norm(self, loss: Tensor | None) -> float:
+        """L2 norm of ``loss``'s gradient on the tokenizer encoder (None: of the gradients already accumulated)."""
+        params = [p for p in self.tokenizer.encoder.parameters() if p.requires_grad]
+        if loss is None:
+            grads = [p.grad for p in params if p.grad is not None]
+        else:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            grads = [g for g in grads if g is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+
+    def _log_sia_diagnostics(self, plan: EpochPlan) -> None:
+        """Log the epoch's mean per-level SIA entropies and the SIA gradient norm reaching the tokenizer encoder."""
+        if not self._sia_entropy:
+            return
+        entropy = torch.stack(self._sia_entropy).mean(0)  # (2, L)
+        shown = {f"entropy_{side}_l{level + 1}": float(entropy[row, level])
+                 for row, side in enumerate(("target", "sequence")) for level in range(entropy.shape[1])}
+        norms = self._grad_norms
+        if norms["sia"]:
+            shown["grad_norm_encoder_sia"] = sum(norms["sia"]) / len(norms["sia"])
+            shown["grad_norm_encoder_total"] = sum(norms["total"]) / len(norms["total"])
+        tau = torch.as_tensor(self.sia_tau).reshape(-1)  # (L,) or (1,)
+        shown.update({f"tau_l{level + 1}": float(t) for level, t in enumerate(tau)})
+        self.tb.scalars(self.state.epochs_done, shown, prefix="sia/")
+        logger.info(
+            "epoch %d SIA (%s) | entropy target %s, sequence %s nats (uniform %.3f) | tau %s%s",
+            self.state.epochs_done,
+            plan.phase,
+            "/".join(f"{v:.3f}" for v in entropy[0].tolist()),
+            "/".join(f"{v:.3f}" for v in entropy[1].tolist()),
+            math.log(self.model.code_num),
+            "/".join(f"{float(t):.4g}" for t in tau),
+            f" | encoder grad norm: SIA {shown['grad_norm_encoder_sia']:.3g}, "
+            f"total {shown['grad_norm_encoder_total']:.3g}" if norms["sia"] else "",
+        )
+
     def _refresh_codes(self) -> None:
-        """Recompute every item's ID with the updated tokenizer; log churn and codebook health."""
+        """Recompute every item's ID with the updated tokenizer; log churn and codebook health.
+
+        The distance unit (``code_gap``) is re-measured on the updated tokenizer first; with
+        ``code_refresh_margin`` > 0 an item keeps its code at a level unless another is nearer by that many units.
+        """
+        self.code_gap = self._nearest_code_gap()
+        margin = self.cfg.train.code_refresh_margin
         new, stats = build_item_codes(  # (N, C), same assignment rule as pretraining (Sinkhorn where sk_epsilons > 0)
             self.tokenizer,
             self.vectors[1:],  # (N, d_s) items 1..N in id order
             self.model.code_num,
             sk_epsilons=self.cfg.tokenizer.sk_epsilons,
             sk_iters=self.cfg.tokenizer.sk_iters,
+            previous=self.codes.stored() if margin > 0 else None,
+            margins=margin * self.code_gap if margin > 0 else None,
         )
         if self.world > 1:
             from accelerate.utils import broadcast
@@ -546,6 +630,7 @@ class JointTrainer:
         s, tc = self.state, self.cfg.train
         start = time.perf_counter()
         metrics = self._evaluate("valid")
+        self._last_valid = metrics
         self.budget.record("eval", time.perf_counter() - start)
         score = metrics[tc.valid_metric]
         improved = score > s.best_score
@@ -569,6 +654,26 @@ class JointTrainer:
             self._save("best.pt", phase, metrics)
 
     # ------------------------------------------------------------------ stages
+    def _validate_refresh(self) -> None:
+        """Validate the unchanged recommender on the refreshed item IDs; log the change from the last validation.
+
+        Not used for model selection or patience: it shows what the new IDs alone cost or gain.
+        """
+        metric = self.cfg.train.valid_metric
+        before = self._last_valid.get(metric)
+        after = self._evaluate("valid")[metric]
+        shown = {f"{metric}_after": after}
+        if before is not None:
+            shown[f"{metric}_change"] = after - before
+        self.tb.scalars(self.state.epochs_done, shown, prefix="refresh/")
+        logger.info(
+            "valid after the code refresh of epoch %d | %s=%.4f (last validation %s)",
+            self.state.epochs_done,
+            metric,
+            after,
+            "none" if before is None else f"{before:.4f}, change {after - before:+.4f}",
+        )
+
     def _start_finetune(self) -> None:
         """Freeze the tokenizer for good and continue from the best alternating model."""
         s, tc = self.state, self.cfg.train
@@ -626,6 +731,8 @@ class JointTrainer:
                 self._train_epoch(plan)
             if plan.refresh_codes:
                 self._refresh_codes()
+                if tc.eval_after_refresh:
+                    self._validate_refresh()
             self.budget.record("epoch", time.perf_counter() - epoch_start)
             last = s.epoch + 1 >= tc.epochs
             if (s.epoch + 1) % tc.eval_step == 0 or (last and s.best_epoch < 0):
