@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from etegrec.artifacts import DatasetFiles
 from etegrec.bench.quality import (
@@ -107,14 +108,14 @@ def test_two_invocations_build_a_seed_folder_one_after_the_other(
 
 
 def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) -> None:
-    # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 16 alternating epochs hold 8 recommender epochs
+    # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 20 alternating epochs hold 10 recommender epochs
     cpu = seed_config("scientific", "cpu", 1, tmp_path, [])
-    assert (cpu.train.epochs, cpu.train.cycle) == (16, 2) and matched_recommender_epochs(cpu) == 8
+    assert (cpu.train.epochs, cpu.train.cycle) == (20, 2) and matched_recommender_epochs(cpu) == 10
     # cycle 4: one tokenizer epoch, three recommender epochs per cycle
-    assert matched_recommender_epochs(seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])) == 12
-    # warm_phase=recommender: the first cycle's tokenizer epochs inside warm_epoch=4 train the recommender too
+    assert matched_recommender_epochs(seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])) == 15
+    # warm_phase=recommender: the first cycle's tokenizer epoch inside warm_epoch=2 trains the recommender too
     warm_rec = seed_config("scientific", "cpu", 1, tmp_path, ["--warm_phase=recommender"])
-    assert matched_recommender_epochs(warm_rec) == 10
+    assert matched_recommender_epochs(warm_rec) == 11
 
 
 def test_flop_count_by_hand() -> None:
@@ -145,8 +146,8 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
-                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO"], out=str(tmp_path),
-                              parallel=1, time_budget=0.0, deadline=0.0)
+                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO", "without-ETE"],
+                              out=str(tmp_path), parallel=1, time_budget=0.0, deadline=0.0)
     overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
     state = run_quality(args, overrides)
     saved = json.loads((tmp_path / "quality_tiny.json").read_text())
@@ -158,8 +159,15 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
         for metric in REPORTED:
             assert 0.0 <= run["test"][metric] <= 1.0 and math.isfinite(run["test"][metric])
         assert saved["summary"]["scientific"][model]["recall@10"]["n"] == 1
-    limits = {m: saved["runs"][f"scientific/seed1/{m}"]["recommender_epoch_limit"] for m in ("TIGER-style", "ETEGRec")}
-    assert limits == {"TIGER-style": 1, "ETEGRec": 1}  # tiny preset: 2 alternating epochs, cycle 2
+    matched = ("TIGER-style", "ETEGRec", "without-ETE")
+    limits = {m: saved["runs"][f"scientific/seed1/{m}"]["recommender_epoch_limit"] for m in matched}
+    assert limits == dict.fromkeys(matched, 1)  # tiny preset: 2 alternating epochs, cycle 2
+    # without-ETE trains a fresh recommender on the item IDs ETEGRec ended with, tokenizer frozen
+    ete = torch.load(saved["runs"]["scientific/seed1/ETEGRec"]["checkpoint"], weights_only=True)
+    without = torch.load(saved["runs"]["scientific/seed1/without-ETE"]["checkpoint"], weights_only=True)
+    assert torch.equal(without["item_codes"], ete["item_codes"])
+    assert all(torch.equal(without["tokenizer"][k], v) for k, v in ete["tokenizer"].items())
+    assert without["config"]["ablation"] == "no_ete"
     assert (tmp_path / "quality_tiny.md").read_text().count("| ") > 4
     # a second invocation resumes: nothing is re-run, the same result comes back
     again = run_quality(args, overrides)
@@ -232,6 +240,7 @@ def test_grpo_waits_for_the_etegrec_run_of_its_seed() -> None:
     assert _ready(grpo, {}, {"d/seed1/ETEGRec"}) is False  # ETEGRec pending or running: wait
     assert _ready(grpo, {"d/seed1/ETEGRec": {}}, set()) is True
     assert _ready(grpo, {"d/seed2/ETEGRec": {}}, {"d/seed2/ETEGRec+GRPO"}) is None  # never: no ETEGRec of seed 1
+    assert _ready(("d", 1, "without-ETE"), {}, {"d/seed1/ETEGRec"}) is False  # also trains on ETEGRec's IDs
 
 
 def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_data: Path, tmp_path: Path,
