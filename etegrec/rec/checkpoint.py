@@ -20,6 +20,8 @@ its own kind (``read_joint_resume`` here, ``etegrec.grpo.config.read_resume_chec
 Deviation from the reference: one file instead of ``{epoch}.pt`` + ``.pt.rqvae`` + ``.code.json`` (model,
 tokenizer and item codes saved apart, so they could go out of step), strict loading, and finetune checkpoints
 never overwrite the alternating phase's files by name collision.
+
+``export_tokenizer`` writes a run's tokenizer and item IDs as an RQ-VAE checkpoint that ``rqvae_path`` accepts.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from etegrec.artifacts import (
 from etegrec.config import Config
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.runtime import cpu_state, load_checkpoint_file, stored_config
-from etegrec.tokenizer.item_codes import ItemCodes
-from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state
+from etegrec.tokenizer.item_codes import ItemCodes, collision_stats
+from etegrec.tokenizer.rqvae import RQVAE, load_tokenizer_state, save_rqvae
 
 CKPT_FORMAT = "etegrec.joint/1"
 GRPO_CKPT_FORMAT = "etegrec.grpo/1"
@@ -165,3 +167,25 @@ def load_joint(
         item_codes=codes,
         raw=obj,
     )
+
+
+def export_tokenizer(joint_path: Path | str, out_path: Path | str) -> Path:
+    """Write the tokenizer and item-code table of a joint checkpoint as an RQ-VAE checkpoint.
+
+    A run started with ``rqvae_path`` set to the result (and ``ablation=no_ete``) trains a fresh recommender on
+    the item IDs the joint run ended with: the paper's "w/o ETE" ablation.
+    """
+    state = load_joint(joint_path)
+    stats = collision_stats(state.item_codes.stored()[:, :-1], state.cfg.model.code_num)  # (N, L) without suffix
+    save_rqvae(
+        Path(out_path),
+        state.tokenizer,
+        state.item_codes,
+        {k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        state.cfg,
+        extra={
+            "input": {"tokenizer_input": state.cfg.tokenizer.tokenizer_input, "n_items": state.item_codes.n_items},
+            "producer": f"etegrec.rec.checkpoint.export_tokenizer({joint_path})",
+        },
+    )
+    return Path(out_path)
