@@ -112,7 +112,8 @@ def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) 
     cpu = seed_config("scientific", "cpu", 1, tmp_path, [])
     assert (cpu.train.epochs, cpu.train.cycle) == (20, 2) and matched_recommender_epochs(cpu) == 10
     # cycle 4: one tokenizer epoch, three recommender epochs per cycle
-    assert matched_recommender_epochs(seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])) == 15
+    cycle4 = seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])
+    assert matched_recommender_epochs(cycle4) == 15
     # warm_phase=recommender: the first cycle's tokenizer epoch inside warm_epoch=2 trains the recommender too
     warm_rec = seed_config("scientific", "cpu", 1, tmp_path, ["--warm_phase=recommender"])
     assert matched_recommender_epochs(warm_rec) == 11
