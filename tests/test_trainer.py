@@ -352,12 +352,12 @@ def test_code_refresh_margin_keeps_ids_the_tokenizer_barely_moved(tmp_path, acce
     joint = trainer.JointTrainer(cfg, accelerator)
     logged = {}
     joint.tb.scalars = lambda step, values, prefix="": logged.update(values)
-    before = joint.codes.codes.clone()
+    before = joint.codes.stored()
     level2 = joint.tokenizer.rq.codebooks[1].weight
     with torch.no_grad():
         level2.copy_(level2.roll(1, dims=0))  # with margin 0 every ID changes at level 2 (test above)
     joint._refresh_codes()
-    assert logged["churn"] == 0.0 and torch.equal(joint.codes.codes, before)
+    assert logged["churn"] == 0.0 and torch.equal(joint.codes.stored(), before)
 
 
 def test_warmup_ratio_is_a_share_of_each_optimisers_steps(tmp_path, accelerator) -> None:
