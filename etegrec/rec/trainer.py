@@ -231,7 +231,7 @@ class JointTrainer:
         # (L,) distance unit per level: SIA's temperature under sia_tau=auto and the unit of code_refresh_margin
         self.code_gap = self._nearest_code_gap()
         self._sia_entropy: list[Tensor] = []  # (2, L) per step of the current epoch: target / sequence entropy
-        self._grad_norms: dict[str, list[float]] = {"sia": [], "total": []}  # tokenizer encoder, sampled steps
+        self._grad_norms: dict[str, list[Tensor]] = {"sia": [], "total": []}  # tokenizer encoder, sampled steps
         self._sia_steps = 0  # tokenizer-phase batches with SIA in the current epoch (every 10th is sampled)
         self._last_valid: dict[str, float] = {}  # latest validation metrics (compared after a code refresh)
 
@@ -546,40 +546,45 @@ class JointTrainer:
         return means
 
     # ------------------------------------------------------------------ codes and evaluation
-    def _encoder_grad_norm(self, loss: Tensor | None) -> float:
-        """L2 norm of ``loss``'s gradient on the tokenizer encoder (None: of the gradients already accumulated)."""
+    def _encoder_grad_norm(self, loss: Tensor | None) -> Tensor:
+        """L2 norm of ``loss``'s gradient on the tokenizer encoder (None: of the gradients already accumulated).
+
+        A 0-dim tensor left on the device (no host synchronisation per step).
+        """
         params = [p for p in self.tokenizer.encoder.parameters() if p.requires_grad]
         if loss is None:
             grads = [p.grad for p in params if p.grad is not None]
         else:
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             grads = [g for g in grads if g is not None]
-        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
 
     def _log_sia_diagnostics(self, plan: EpochPlan) -> None:
         """Log the epoch's mean per-level SIA entropies and the SIA gradient norm reaching the tokenizer encoder."""
         if not self._sia_entropy:
             return
-        entropy = torch.stack(self._sia_entropy).mean(0)  # (2, L)
-        shown = {f"entropy_{side}_l{level + 1}": float(entropy[row, level])
-                 for row, side in enumerate(("target", "sequence")) for level in range(entropy.shape[1])}
-        norms = self._grad_norms
-        if norms["sia"]:
-            shown["grad_norm_encoder_sia"] = sum(norms["sia"]) / len(norms["sia"])
-            shown["grad_norm_encoder_total"] = sum(norms["total"]) / len(norms["total"])
-        tau = torch.as_tensor(self.sia_tau).reshape(-1)  # (L,) or (1,)
-        shown.update({f"tau_l{level + 1}": float(t) for level, t in enumerate(tau)})
+        entropy = torch.stack(self._sia_entropy).mean(0).tolist()  # 2 x L: the epoch's one host read of them
+        shown = {f"entropy_{side}_l{level + 1}": entropy[row][level]
+                 for row, side in enumerate(("target", "sequence")) for level in range(len(entropy[0]))}
+        sampled = [k for k, v in self._grad_norms.items() if v]
+        means = torch.stack([torch.stack(self._grad_norms[k]).mean() for k in sampled]).tolist() if sampled else []
+        norms = dict(zip(sampled, means))  # one host read
+        if norms:
+            shown["grad_norm_encoder_sia"], shown["grad_norm_encoder_total"] = norms["sia"], norms["total"]
+        tau = torch.as_tensor(self.sia_tau).reshape(-1).tolist()  # L values (or one)
+        shown.update({f"tau_l{level + 1}": t for level, t in enumerate(tau)})
         self.tb.scalars(self.state.epochs_done, shown, prefix="sia/")
         logger.info(
             "epoch %d SIA (%s) | entropy target %s, sequence %s nats (uniform %.3f) | tau %s%s",
             self.state.epochs_done,
             plan.phase,
-            "/".join(f"{v:.3f}" for v in entropy[0].tolist()),
-            "/".join(f"{v:.3f}" for v in entropy[1].tolist()),
+            "/".join(f"{v:.3f}" for v in entropy[0]),
+            "/".join(f"{v:.3f}" for v in entropy[1]),
             math.log(self.model.code_num),
-            "/".join(f"{float(t):.4g}" for t in tau),
-            f" | encoder grad norm: SIA {shown['grad_norm_encoder_sia']:.3g}, "
-            f"total {shown['grad_norm_encoder_total']:.3g}" if norms["sia"] else "",
+            "/".join(f"{t:.4g}" for t in tau),
+            f" | encoder grad norm: SIA {norms['sia']:.3g}, total {norms['total']:.3g}" if norms else "",
         )
 
     def _refresh_codes(self) -> None:
