@@ -286,7 +286,7 @@ class TrainConfig:
     alpha: float = _f(1.0, "weight of the residual-quantisation loss inside L_SQ")
     psa_tau: float = _f(0.07, "PSA InfoNCE temperature")
     sia_tau: str = _f(
-        "auto",
+        "1",
         "SIA temperature: code distributions are softmax(-distance / sia_tau) per level. auto = per level, the "
         "median gap between the nearest and second-nearest code distance over the catalogue, recomputed at "
         "every code refresh (1 = the paper's softmax(-distance))",

@@ -370,7 +370,7 @@ def test_warmup_ratio_is_a_share_of_each_optimisers_steps(tmp_path, accelerator)
 
 
 def test_tokenizer_epoch_logs_sia_entropies_and_encoder_gradient(tmp_path, accelerator) -> None:
-    cfg = make_tiny_dataset(tmp_path, id_kl_loss=1.0)
+    cfg = make_tiny_dataset(tmp_path, id_kl_loss=1.0, sia_tau="auto")
     joint = trainer.JointTrainer(cfg, accelerator)
     logged = {}
     joint.tb.scalars = lambda step, values, prefix="": logged.update({prefix + k: v for k, v in values.items()})
