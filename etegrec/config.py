@@ -720,7 +720,7 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
     return _read_yaml(Path(path))[0]
 
 
-def _layers(
+def config_layers(
     path: str | Path | None, argv: Sequence[str], aliases: dict[str, str] | None
 ) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """``({leaf: value}, {leaf: where it was set})`` of the YAML file (if any), then of the command line."""
@@ -746,7 +746,7 @@ def load_config(
     """
     cfg = Config()
     origins: dict[str, str] = {}
-    for values, where in _layers(path, argv, aliases):
+    for values, where in config_layers(path, argv, aliases):
         for leaf, value in values.items():
             setattr(getattr(cfg, LEAVES[leaf][0]), leaf, value)
         origins.update(where)
@@ -763,7 +763,7 @@ def load_config(
 def given_values(argv: Sequence[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``{leaf: value}`` pairs that ``--config FILE`` and the overrides in ``argv`` set (no defaults)."""
     path, rest = add_config_argument(argv, None)
-    return {leaf: value for values, _ in _layers(path, rest, aliases) for leaf, value in values.items()}
+    return {leaf: value for values, _ in config_layers(path, rest, aliases) for leaf, value in values.items()}
 
 
 def _config_names() -> list[str]:

@@ -52,11 +52,6 @@ ARCHITECTURE_KEYS = frozenset(f.name for f in dataclasses.fields(config_mod.Mode
 }
 
 
-def typed_path(value: str) -> Path:
-    """A path typed on the command line (``resolve_path`` with the working directory first)."""
-    return resolve_path(value, working_dir_first=True)
-
-
 def load_grpo_config(argv: Sequence[str]) -> Config:
     """Config of a GRPO run: the SFT checkpoint's config, then ``--config FILE`` and ``--key=value`` on top.
 
@@ -65,11 +60,11 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
     With ``--resume=<run>_grpo/last.pt`` the config is that run's own (``resumed_grpo_config``).
     """
     path, rest = config_mod.add_config_argument(argv, None)
-    cli = config_mod.typed_values(config_mod.parse_overrides(rest), "command line")
-    from_file = config_mod.read_yaml_values(typed_path(path)) if path is not None else {}
+    *file_layer, (cli, _) = config_mod.config_layers(path, rest, None)
+    from_file = file_layer[0][0] if file_layer else {}
     resume = cli.get("resume") or from_file.get("resume")
     if resume:
-        resume_path = typed_path(resume)
+        resume_path = resolve_path(resume)
         given = {k: v for k, v in from_file.items() if k in MUTABLE_KEYS | ARCHITECTURE_KEYS} | cli
         return resumed_grpo_config(resume_path, read_resume_checkpoint(resume_path), given)
     sft = cli.get("sft_ckpt") or from_file.get("sft_ckpt")
@@ -78,7 +73,7 @@ def load_grpo_config(argv: Sequence[str]) -> Config:
             "GRPO needs a joint-training checkpoint: add --sft_ckpt=myckpt/<dataset>/<run>/best.pt (step 4 output), "
             "or continue an interrupted GRPO run with --resume=myckpt/<dataset>/<run>_grpo/last.pt"
         )
-    sft_path = typed_path(sft)
+    sft_path = resolve_path(sft)
     cfg = stored_config(sft_path, read_joint(sft_path))
     cfg.train.resume = ""  # the SFT run's own resume point (if it was resumed); this run starts fresh
     base = cfg.to_dict()
@@ -113,7 +108,7 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
 def resumed_grpo_config(path: Path, obj: dict[str, Any], given: dict[str, Any]) -> Config:
     """``runtime.resumed_config`` with a given ``sft_ckpt`` compared as the file it names."""
     if given.get("sft_ckpt"):
-        given = {**given, "sft_ckpt": str(typed_path(given["sft_ckpt"]))}
+        given = {**given, "sft_ckpt": str(resolve_path(given["sft_ckpt"]))}
     return resumed_config(path, obj, given)
 
 

@@ -60,10 +60,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from etegrec.artifacts import ArtifactError, DatasetFiles, atomic_write_json, load_item_map, load_splits
-from etegrec.config import Config, GRPOConfig
+from etegrec.config import Config, GRPOConfig, resolve_path
 from etegrec.errors import TrainingError
 from etegrec.grpo.algorithm import gather_tokens, grpo_loss, masked_log_softmax, token_kl
-from etegrec.grpo.config import check_architecture, read_resume_checkpoint, resumed_grpo_config, typed_path
+from etegrec.grpo.config import check_architecture, read_resume_checkpoint, resumed_grpo_config
 from etegrec.grpo.rollouts import Rollouts, collect_rollouts, rollout_stats
 from etegrec.rec.checkpoint import GRPO_CKPT_FORMAT, load_joint, save_joint
 from etegrec.rec.data import SequenceDataset, eval_loader, item_vectors_by_id, train_loader
@@ -97,7 +97,7 @@ class GRPOTrainer:
     """Holds policy, reference, data, optimiser and progress of one GRPO run; ``fit()`` runs it."""
 
     def __init__(self, cfg: Config, accelerator: Any) -> None:
-        resume_path = typed_path(cfg.train.resume) if cfg.train.resume else None
+        resume_path = resolve_path(cfg.train.resume) if cfg.train.resume else None
         resume = read_resume_checkpoint(resume_path) if resume_path is not None else None
         if resume is not None:
             cfg = resumed_grpo_config(resume_path, resume, cfg.to_dict())
