@@ -245,6 +245,11 @@ class ModelConfig:
     feed_forward_proj: str = _f("relu", "T5 feed-forward activation (relu | gated-gelu)")
     code_num: int = _f(256, "tokens per code level (must equal every num_emb_list entry)")
     code_length: int = _f(4, "tokens per item ID: residual levels + 1 suffix token")
+    history_suffix: bool = _f(
+        True,
+        "the encoder reads every history item's whole ID; false = only its level codes, without the collision "
+        "suffix (targets and decoding keep whole IDs)",
+    )
 
 
 @dataclass
@@ -317,8 +322,8 @@ class TrainConfig:
     )
     max_batch_tokens: int = _f(
         0,
-        "cap on padded history tokens (sequences x longest history x code_length) per training batch; long-history "
-        "batches get fewer sequences, bounding memory (0 = batch_size only)",
+        "cap on padded history tokens (sequences x longest history x tokens per history item) per training batch; "
+        "long-history batches get fewer sequences, bounding memory (0 = batch_size only)",
     )
     epoch_records: int = _f(
         0, "training records per epoch: a fresh seeded random subset every epoch (0 = all records)"

@@ -287,7 +287,7 @@ class Recommender:
             return BeamOutput(items=items, codes=codes, scores=scores)
         split = SplitData(history=[np.asarray(h, dtype=np.int64) for h in histories], target=np.zeros(n), users=[])
         data = SequenceDataset(split, self.max_his_len)  # keeps the last max_his_len items, as evaluation does
-        collate = CodeCollator(self.codes)
+        collate = CodeCollator(self.codes, history_suffix=self.model.history_suffix)
         order = torch.argsort(data.lengths, stable=True)  # eval_loader's order (SequenceDataset.sorted_by_length)
         with tqdm(total=n, desc="recommend", unit="user", disable=not progress, dynamic_ncols=True) as bar:
             for rows in order.split(self.batch_size):

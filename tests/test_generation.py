@@ -23,11 +23,11 @@ from etegrec.tokenizer.item_codes import ItemCodes
 K, C = 6, 3
 
 
-def tiny_model(seed: int = 0) -> GenerativeRecommender:
+def tiny_model(seed: int = 0, history_suffix: bool = True) -> GenerativeRecommender:
     """2+2-layer T5 over K=6, C=3 codes; weights spread out (std 0.4) so scores have no near-ties."""
     torch.manual_seed(seed)
     cfg = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8,
-                      dropout_rate=0.1, code_num=K, code_length=C)
+                      dropout_rate=0.1, code_num=K, code_length=C, history_suffix=history_suffix)
     model = GenerativeRecommender(cfg=cfg, semantic_dim=8, latent_dim=4)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,12 +43,14 @@ def catalogue(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def histories(item_codes: torch.Tensor, lengths: list[int], seed: int = 1) -> torch.Tensor:
-    """Right-padded code histories (B, max_len*C) of random items with the given lengths (in items)."""
+    """Right-padded code histories (B, max_len*W) of random items with the given lengths (in items), W tokens
+    per item (the columns of ``item_codes``)."""
     gen = torch.Generator().manual_seed(seed)
-    out = torch.full((len(lengths), max(lengths) * C), -1, dtype=torch.long)
+    width = item_codes.shape[1]
+    out = torch.full((len(lengths), max(lengths) * width), -1, dtype=torch.long)
     for row, length in enumerate(lengths):
         items = torch.randint(0, item_codes.shape[0], (length,), generator=gen)
-        out[row, : length * C] = item_codes[items].reshape(-1)
+        out[row, : length * width] = item_codes[items].reshape(-1)
     return out
 
 
@@ -59,7 +61,7 @@ def test_masks_given_as_views_give_the_same_states_as_transformers_2d_masks() ->
         history = histories(catalogue(10), lengths)
         mask = history >= 0
         enc = model.encode(history)
-        reference = model.t5.encoder(inputs_embeds=model._embed_codes(history), attention_mask=mask)
+        reference = model.t5.encoder(inputs_embeds=model._embed_codes(history, C), attention_mask=mask)
         assert torch.equal(enc.hidden, reference.last_hidden_state)
         prefix = catalogue(10)[: len(lengths), :2]
         dec = model.t5.decoder(inputs_embeds=model.decoder_inputs(prefix), encoder_hidden_states=enc.hidden,
@@ -236,10 +238,11 @@ def test_sequence_log_probs_has_gradients_and_checks_items() -> None:
 
 
 # ----------------------------------------------------------------------------------------- transformers
-def test_transformers_generate_path_agrees_with_beam_search() -> None:
-    model, codes = tiny_model(3), catalogue(60, seed=7)
+@pytest.mark.parametrize("history_suffix", [True, False])
+def test_transformers_generate_path_agrees_with_beam_search(history_suffix: bool) -> None:
+    model, codes = tiny_model(3, history_suffix), catalogue(60, seed=7)
     trie = ItemCodes(codes, K).trie()
-    hist = histories(codes, [2, 9, 1, 4])
+    hist = histories(ItemCodes(codes, K).history_table(history_suffix)[1:], [2, 9, 1, 4])
     ours = beam_search(model, trie, hist, num_beams=8, top_k=5)
     theirs = HFConstrainedGenerator(model=model, codes=ItemCodes(codes, K))(hist, num_beams=8, top_k=5)
     assert torch.equal(theirs.items, ours.items)

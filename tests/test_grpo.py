@@ -260,7 +260,8 @@ def sft_checkpoint(tmp_path_factory):
     files = DatasetFiles.from_config(cfg)
     splits = load_splits(files, load_item_map(files), cfg.data.max_his_len)
     codes = ItemCodes(obj["item_codes"], cfg.model.code_num)
-    loader = train_loader(SequenceDataset(splits["train"], cfg.data.max_his_len), codes, 32, seed=0)
+    loader = train_loader(SequenceDataset(splits["train"], cfg.data.max_his_len), codes, 32,
+                          history_suffix=True, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     model.train()
     for epoch in range(8):

@@ -96,7 +96,7 @@ def test_evaluate_equals_direct_computation_for_every_batch_size() -> None:
     expected = direct_metrics(model, codes, dataset)
     assert 0 < expected["recall@10"]  # some hits, so the comparison means something
     for batch_size in [1, 4, 7, 64]:
-        loader = eval_loader(dataset, ItemCodes(codes, K), batch_size)
+        loader = eval_loader(dataset, ItemCodes(codes, K), batch_size, history_suffix=True)
         got = evaluate(model, trie, loader, accelerator, 10, NAMES)
         assert got == pytest.approx(expected, abs=1e-12), batch_size
 
@@ -104,7 +104,7 @@ def test_evaluate_equals_direct_computation_for_every_batch_size() -> None:
 def test_evaluate_checks_beam_width() -> None:
     model, codes, dataset = setup_tiny()
     trie = ItemCodes(codes, K).trie()
-    loader = eval_loader(dataset, ItemCodes(codes, K), 8)
+    loader = eval_loader(dataset, ItemCodes(codes, K), 8, history_suffix=True)
     with pytest.raises(ValueError, match="num_beams"):
         evaluate(model, trie, loader, make_accelerator(), 5, NAMES)
 
@@ -120,7 +120,8 @@ from etegrec.runtime import make_accelerator
 from etegrec.tokenizer.item_codes import ItemCodes
 acc = make_accelerator()
 model, codes, dataset = setup_tiny()
-got = evaluate(model, ItemCodes(codes, K).trie(), eval_loader(dataset, ItemCodes(codes, K), 5), acc, 10, NAMES)
+loader = eval_loader(dataset, ItemCodes(codes, K), 5, history_suffix=True)
+got = evaluate(model, ItemCodes(codes, K).trie(), loader, acc, 10, NAMES)
 json.dump({{"world": acc.num_processes, "metrics": got}}, open({out!r} + str(acc.process_index), "w"))
 """
 

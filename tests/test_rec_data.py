@@ -42,27 +42,33 @@ def test_dataset_keeps_the_last_items_and_pads_to_the_batch_maximum() -> None:
 def test_collator_maps_items_to_current_codes() -> None:
     ds = SequenceDataset(split([[1], [2, 4]], [3, 1]), max_his_len=5)
     table = ItemCodes(CODES, code_num=4)
-    collate = CodeCollator(table)
+    collate, no_suffix = CodeCollator(table, history_suffix=True), CodeCollator(table, history_suffix=False)
     b = collate(ds.__getitems__([0, 1]))
     assert b.history_codes.tolist() == [[0, 1, 0, -1, -1, -1], [2, 3, 0, 1, 0, 0]]  # (B, T*C), pad item -> -1s
     assert b.target_codes.tolist() == [[2, 3, 1], [0, 1, 0]]
     assert b.target.tolist() == [3, 1]
+    short = no_suffix(ds.__getitems__([0, 1]))  # histories without the suffix: (B, T*L); targets keep all C
+    assert short.history_codes.tolist() == [[0, 1, -1, -1], [2, 3, 1, 0]]
+    assert short.target_codes.tolist() == b.target_codes.tolist()
     table.update(CODES.flip(0))  # a tokenizer epoch changed every ID: the next batch sees the new table
     assert collate(ds.__getitems__([1])).target_codes.tolist() == [[1, 0, 0]]
+    assert no_suffix(ds.__getitems__([1])).history_codes.tolist() == [[2, 3, 0, 1]]
     with pytest.raises(ValueError, match="shape"):
         table.update(CODES[:2])
 
 
-def test_batches_gathered_on_the_device_equal_the_collated_ones() -> None:
+@pytest.mark.parametrize("suffix, width", [(True, 3), (False, 2)])
+def test_batches_gathered_on_the_device_equal_the_collated_ones(suffix: bool, width: int) -> None:
     # DeviceBatches (the CUDA path) run on the CPU against the DataLoader path, epoch by epoch, after a code update
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 9, (40,), generator=gen)
     histories = [torch.randint(1, 5, (int(n),), generator=gen).tolist() for n in lengths]
     ds = SequenceDataset(split(histories, torch.randint(1, 5, (40,), generator=gen).tolist()), max_his_len=6)
     table = ItemCodes(CODES, code_num=4)
-    collated = train_loader(ds, table, 8, seed=5, window=2)
-    on_device = DeviceBatches(ds, table, BucketBatchSampler(ds.lengths, 8, seed=5, window=2, tokens_per_item=3),
-                              torch.device("cpu"))
+    collated = train_loader(ds, table, 8, history_suffix=suffix, seed=5, window=2)
+    assert collated.batch_sampler.tokens_per_item == width  # the token budget counts history tokens per item
+    sampler = BucketBatchSampler(ds.lengths, 8, seed=5, window=2, tokens_per_item=width)
+    on_device = DeviceBatches(ds, table, sampler, torch.device("cpu"), history_suffix=suffix)
     assert len(on_device) == len(collated) == 5
     for epoch in (0, 1):
         if epoch == 1:
@@ -72,6 +78,7 @@ def test_batches_gathered_on_the_device_equal_the_collated_ones() -> None:
         pairs = list(zip(collated, on_device, strict=True))
         assert all(torch.equal(a, b) for x, y in pairs for a, b in zip(x, y, strict=True))
     assert pairs[0][1].target_codes.tolist() == CODES.flip(0)[pairs[0][1].target - 1].tolist()
+    assert all(b.history_codes.shape[1] % width == 0 for _, b in pairs)
 
 
 def test_bucket_sampler_shards_deterministically_and_groups_lengths() -> None:
@@ -112,18 +119,44 @@ def test_bucket_sampler_pads_to_equal_steps_per_process() -> None:
 
 def test_eval_loader_visits_every_record_once_in_length_order() -> None:
     ds = SequenceDataset(split([[1, 2, 3], [4], [2, 3]], [1, 2, 3]), max_his_len=5)
-    batches = list(eval_loader(ds, ItemCodes(CODES, code_num=4), batch_size=2))
+    batches = list(eval_loader(ds, ItemCodes(CODES, code_num=4), batch_size=2, history_suffix=True))
     assert [b.target.tolist() for b in batches] == [[2, 3], [1]]  # lengths 1, 2 then 3
     assert batches[0].history_codes.shape == (2, 6)
+    short = next(iter(eval_loader(ds, ItemCodes(CODES, code_num=4), batch_size=2, history_suffix=False)))
+    assert short.history_codes.shape == (2, 4) and short.target_codes.shape == (2, 3)  # T*L history, C target
+
+
+def tiny_model(history_suffix: bool = True) -> GenerativeRecommender:
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=4,
+                      code_length=3, history_suffix=history_suffix)
+    return GenerativeRecommender(cfg=cfg, semantic_dim=12, latent_dim=6).eval()
 
 
 @pytest.fixture()
 def model() -> GenerativeRecommender:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoder_layers=2, decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, code_num=4, code_length=3
-    )
-    return GenerativeRecommender(cfg=cfg, semantic_dim=12, latent_dim=6).eval()
+    return tiny_model()
+
+
+def test_without_the_suffix_the_encoder_reads_level_codes_with_period_l() -> None:
+    model = tiny_model(history_suffix=False)
+    assert model.history_tokens_per_item == 2
+    ds = SequenceDataset(split([[1, 3, 2], [4]], [2, 1]), max_his_len=5)
+    batch = CodeCollator(ItemCodes(CODES, code_num=4), history_suffix=False)(ds.__getitems__([0, 1]))
+    history = batch.history_codes  # (2, 3*L): items 1, 3, 2 and item 4 + padding
+    assert history.tolist() == [[0, 1, 2, 3, 2, 3], [1, 0, -1, -1, -1, -1]]
+    seen = {}
+    model.t5.encoder.register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    enc = model.encode(history)
+    assert enc.hidden.shape == (2, 6, 16)  # L tokens per history item
+    embedded = seen["inputs_embeds"]  # (2, 6, 16)
+    for p in range(6):
+        assert torch.equal(embedded[0, p], model.token_embeddings[p % 2].weight[history[0, p]])  # level p % L
+    assert torch.equal(embedded[1, :2], torch.stack([model.token_embeddings[0].weight[1],
+                                                      model.token_embeddings[1].weight[0]]))
+    assert not embedded[1, 2:].any()  # padding
+    out = model(history, batch.target_codes)  # the decoder still emits all C levels
+    assert out.logits.shape == (2, 3, 4) and torch.isfinite(out.loss_rec)
 
 
 def test_decoder_inputs_are_bos_then_tied_level_embeddings(model) -> None:

@@ -31,14 +31,12 @@ def accelerator():
     return make_accelerator()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, accelerator):
+def _train(root, accelerator, **overrides):
     """A tiny dataset with item text, a joint-training run and a one-epoch GRPO run on top of it."""
     from etegrec.grpo.config import load_grpo_config
     from etegrec.grpo.trainer import run as run_grpo
 
-    root = tmp_path_factory.mktemp("use")
-    cfg = make_tiny_dataset(root, epochs=4, finetune_epochs=2)
+    cfg = make_tiny_dataset(root, epochs=4, finetune_epochs=2, **overrides)
     files = DatasetFiles.from_config(cfg)
     text = {f"it{j}": {"title": f"Film {j}", "categories": "Drama"} for j in range(1, 30)}
     text["it30"] = {"title": "", "categories": "Comedy, Music"}  # no title: the other fields are shown
@@ -56,14 +54,27 @@ def trained(tmp_path_factory, accelerator):
     }
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, accelerator):
+    return _train(tmp_path_factory.mktemp("use"), accelerator)
+
+
+@pytest.fixture(scope="module")
+def trained_without_suffix(tmp_path_factory, accelerator):
+    """As ``trained``, with encoder histories of level codes alone (``history_suffix: false``)."""
+    return _train(tmp_path_factory.mktemp("use_no_suffix"), accelerator, history_suffix=False)
+
+
 def _test_records(cfg):
     lines = DatasetFiles.from_config(cfg).split("test").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
 # --------------------------------------------------------------------------------------- API vs evaluation
+@pytest.mark.parametrize("runs", ["trained", "trained_without_suffix"])
 @pytest.mark.parametrize("kind", ["joint", "grpo"])
-def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tmp_path, capsys, kind):
+def test_recommendations_are_the_evaluation_top_k_lists(request, accelerator, tmp_path, capsys, runs, kind):
+    trained = request.getfixturevalue(runs)
     path, test_metrics = trained[kind]
     cfg = trained["cfg"]
     rec = Recommender.from_checkpoint(path)
@@ -79,9 +90,11 @@ def test_recommendations_are_the_evaluation_top_k_lists(trained, accelerator, tm
 
     # the evaluation's own lists: top_candidates over evaluation's loader of the test split
     state = load_joint(path)
+    suffix = state.cfg.model.history_suffix  # the stored config decides how the model reads histories
+    assert suffix == cfg.model.history_suffix == rec.model.history_suffix
     files = DatasetFiles.from_config(cfg)
     data = SequenceDataset(load_split(files, "test", load_item_map(files), cfg.data.max_his_len), cfg.data.max_his_len)
-    loader = eval_loader(data, state.item_codes, cfg.train.eval_batch_size)
+    loader = eval_loader(data, state.item_codes, cfg.train.eval_batch_size, history_suffix=suffix)
     outs = list(top_candidates(state.model, state.item_codes.trie(), loader, accelerator, cfg.train.num_beams, 10))
     items = torch.cat([out.items for _, out in outs])  # (n, 10) in the loader's record order
     scores = torch.cat([out.scores for _, out in outs])

@@ -137,14 +137,17 @@ def test_a_passed_deadline_stops_at_the_first_epoch_boundary_and_tests_a_validat
     assert not far["stopped_by_budget"] and far["epochs"] == 2
 
 
-def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator) -> None:
-    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0)
-    result = trainer.run(cfg, accelerator)
+@pytest.mark.parametrize("history_suffix", [True, False])
+def test_checkpoint_rebuilds_the_model_alone(tmp_path, accelerator, history_suffix) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=2, finetune_epochs=0, history_suffix=history_suffix)
+    result = trainer.run(cfg, accelerator)  # trains and evaluates (false: encoder histories without the suffix)
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result["test"].values())
     raw = torch.load(result["best_checkpoint"], weights_only=True)  # plain tensors and containers only
     assert raw["format"] == "etegrec.joint/1" and raw["phase"] == "recommender"
     state = load_joint(result["best_checkpoint"])
     assert state.cfg.to_dict() == cfg.to_dict()
-    history = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1]])
+    assert state.model.history_tokens_per_item == (4 if history_suffix else 3)
+    history = state.item_codes.history_table(history_suffix)[[1, 2, 0]].reshape(1, -1)  # items 1, 2 and padding
     target = state.item_codes.table[1:2]  # codes of item 1
     out = state.model(history, target)
     assert out.logits.shape == (1, 4, 8) and torch.isfinite(out.loss_rec)

@@ -77,6 +77,7 @@ class HFConstrainedGenerator:
         self.model = flat.to(model.t5.shared.weight.device).eval()
         self.trie = trie
         self.k_num, self.length = k_num, length
+        self.history_period = model.history_tokens_per_item  # tokens per history item (C, or L without suffix)
         self.offsets = 1 + torch.arange(length, device=trie.device) * k_num  # (C,) flat id of code 0 per level
         allowed: dict[tuple[int, ...], set[int]] = {}
         for row in (codes.stored().to(trie.device) + self.offsets).tolist():  # (N, C) flat ids
@@ -97,7 +98,7 @@ class HFConstrainedGenerator:
         if not 1 <= top_k <= num_beams:
             raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
         history_codes = trim_history(history_codes)
-        levels = torch.arange(history_codes.shape[1], device=history_codes.device) % self.length
+        levels = torch.arange(history_codes.shape[1], device=history_codes.device) % self.history_period  # (S,)
         input_ids = torch.where(history_codes >= 0, history_codes + self.offsets[levels], 0)  # (B, S) flat ids
         beam = {"length_penalty": 0.0, "early_stopping": False} if num_beams > 1 else {"output_logits": True}
         generation = GenerationConfig(

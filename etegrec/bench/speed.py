@@ -121,7 +121,8 @@ def eval_history_batches(trainer: Any, split: str, users: int) -> list[Tensor]:
     eval-size batches: (b, S) each."""
     data = trainer.eval_sets[split]
     subset = data.subset(torch.arange(min(users, len(data))))
-    loader = eval_loader(subset, trainer.codes, trainer.cfg.train.eval_batch_size)
+    loader = eval_loader(subset, trainer.codes, trainer.cfg.train.eval_batch_size,
+                         history_suffix=trainer.cfg.model.history_suffix)
     return [b.history_codes.to(trainer.device) for b in loader]
 
 

@@ -152,6 +152,7 @@ class GRPOTrainer:
             SequenceDataset(splits["train"], cfg.data.max_his_len),
             self.codes,
             cfg.grpo.grpo_batch_size,
+            history_suffix=cfg.model.history_suffix,
             seed=tr.seed,
             window=tr.bucket_window,
             num_replicas=self.acc.num_processes,
@@ -163,6 +164,7 @@ class GRPOTrainer:
                 SequenceDataset(splits[s], cfg.data.max_his_len),
                 self.codes,
                 tr.eval_batch_size,
+                history_suffix=cfg.model.history_suffix,
                 num_workers=tr.num_workers,
             )
             for s in ("valid", "test")

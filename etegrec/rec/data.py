@@ -3,10 +3,12 @@
 A split is pre-tokenised once into int tensors (``SequenceDataset``). A batch is gathered with one indexing
 operation, padded only to the longest history *in the batch*, and mapped from item ids to code tokens by
 indexing the current item-code table (``ItemCodes.table``, updated in place), so a new table after a tokenizer
-epoch takes effect at the next batch without rebuilding anything. ``BucketBatchSampler`` shuffles, then sorts windows of batches by
-history length, so batches hold histories of similar length and padding stays small; it also deals batches
-to processes itself (every process runs the same number of steps, as DDP-style gradient averaging needs).
-For a GPU, ``DeviceBatches`` gathers the same batches on the device instead (no per-batch work on the host).
+epoch takes effect at the next batch without rebuilding anything. Histories take their codes from
+``ItemCodes.history_table`` (``history_suffix``: whole IDs, or the level codes without the suffix); targets
+always get whole IDs. ``BucketBatchSampler`` shuffles, then sorts windows of batches by history length, so
+batches hold histories of similar length and padding stays small; it also deals batches to processes itself
+(every process runs the same number of steps, as DDP-style gradient averaging needs). For a GPU,
+``DeviceBatches`` gathers the same batches on the device instead (no per-batch work on the host).
 
 Deviations from the reference code (``data.py``): batches are padded to the batch maximum in *items* exactly
 as there, but histories are length-bucketed; the history cap is ``max_his_len`` (the reference's 210-item
@@ -26,7 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from etegrec.artifacts import SplitData, load_item_vectors
 from etegrec.config import Config
 from etegrec.rec.losses import first_occurrence
-from etegrec.tokenizer.item_codes import ItemCodes
+from etegrec.tokenizer.item_codes import ItemCodes, history_width
 
 
 class ItemBatch(NamedTuple):
@@ -39,7 +41,7 @@ class ItemBatch(NamedTuple):
 class Batch(NamedTuple):
     """A batch as code tokens, ready for the recommender."""
 
-    history_codes: Tensor  # (B, T*C) long, item-aligned, -1 = padding
+    history_codes: Tensor  # (B, T*W) long, item-aligned, -1 = padding; W = C, or L without the suffix
     target_codes: Tensor  # (B, C) long
     target: Tensor  # (B,) long target item ids (1..N)
     distinct: Tensor  # (M,) long rows holding the first occurrence of each distinct target, by target id
@@ -98,18 +100,20 @@ class SequenceDataset(Dataset):
 class CodeCollator:
     """Map an ``ItemBatch`` to a ``Batch`` with the table's current codes (pure indexing, no loops).
 
+    ``history_suffix``: history items as whole IDs, or without the suffix (``ItemCodes.history_table``).
     The distinct-target rows are found here, on the host: ``torch.unique`` on a GPU would wait for the device.
     """
 
-    def __init__(self, codes: ItemCodes) -> None:
-        self.table = codes.table  # (N+1, C), updated in place; only the tensor travels to DataLoader workers
+    def __init__(self, codes: ItemCodes, *, history_suffix: bool) -> None:
+        # views of the shared table, updated in place; only the tensors travel to DataLoader workers
+        self.table = codes.table  # (N+1, C)
+        self.history_table = codes.history_table(history_suffix)  # (N+1, W)
 
     def __call__(self, items: ItemBatch) -> Batch:
-        table = self.table
-        history_codes = table[items.history]  # (B, T, C); padding item 0 -> -1s
+        history_codes = self.history_table[items.history]  # (B, T, W); padding item 0 -> -1s
         return Batch(
-            history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*C)
-            target_codes=table[items.target],  # (B, C)
+            history_codes=history_codes.reshape(items.history.shape[0], -1),  # (B, T*W)
+            target_codes=self.table[items.target],  # (B, C)
             target=items.target,
             distinct=first_occurrence(items.target),  # (M,)
         )
@@ -202,17 +206,18 @@ class DeviceBatches:
     """Training batches gathered where the model runs (a GPU): the split's histories and targets are copied to
     ``device`` once and the code table once per update, so a batch costs one small index copy and a few gathers
     there -- no collation, pinning or copy of padded code histories on the host per batch. The batches equal
-    ``CodeCollator``'s (moved to ``device``) for the same indices.
+    ``CodeCollator``'s (moved to ``device``, same ``history_suffix``) for the same indices.
 
     ``batch_sampler`` and ``len()`` work as on a DataLoader (``batch_sampler.set_epoch`` picks the epoch).
     """
 
     def __init__(self, dataset: SequenceDataset, codes: ItemCodes, batch_sampler: BucketBatchSampler,
-                 device: torch.device) -> None:
+                 device: torch.device, *, history_suffix: bool) -> None:
         self.history = dataset.history.to(device)  # (n, H)
         self.target = dataset.target.to(device)  # (n,)
         self.host_lengths, self.host_target = dataset.lengths, dataset.target  # batch widths, distinct targets
         self.codes = codes
+        self.history_suffix = history_suffix
         self.batch_sampler = batch_sampler
         self.device = device
 
@@ -225,13 +230,14 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         table = self.codes.table_on(self.device)  # (N+1, C) the current codes
+        history_table = self.codes.history_table(self.history_suffix, self.device)  # (N+1, W)
         for indices in self.batch_sampler:
             idx = torch.as_tensor(indices, dtype=torch.long)  # (B,)
             width = int(self.host_lengths[idx].max())
             rows = self._to_device(idx)
             target = self.target[rows]  # (B,)
             yield Batch(
-                history_codes=table[self.history[rows, :width]].reshape(len(indices), -1),  # (B, T*C)
+                history_codes=history_table[self.history[rows, :width]].reshape(len(indices), -1),  # (B, T*W)
                 target_codes=table[target],  # (B, C)
                 target=target,
                 distinct=self._to_device(first_occurrence(self.host_target[idx])),  # (M,)
@@ -243,6 +249,7 @@ def train_loader(
     codes: ItemCodes,
     batch_size: int,
     *,
+    history_suffix: bool,
     seed: int,
     window: int = 50,
     max_tokens: int = 0,
@@ -254,8 +261,9 @@ def train_loader(
 ) -> DataLoader | DeviceBatches:
     """Loader of shuffled, length-bucketed training batches for this process (call ``batch_sampler.set_epoch``).
 
-    With a CUDA ``device`` and no workers the batches are gathered there (``DeviceBatches``); otherwise a
-    DataLoader collates them on the host (pinned for a CUDA device, so ``Batch.to`` does not block the host).
+    ``history_suffix`` as in ``CodeCollator``. With a CUDA ``device`` and no workers the batches are gathered
+    there (``DeviceBatches``); otherwise a DataLoader collates them on the host (pinned for a CUDA device, so
+    ``Batch.to`` does not block the host).
     """
     sampler = BucketBatchSampler(
         dataset.lengths,
@@ -263,24 +271,28 @@ def train_loader(
         seed=seed,
         window=window,
         max_tokens=max_tokens,
-        tokens_per_item=codes.code_length,
+        tokens_per_item=history_width(codes.code_length, history_suffix),
         epoch_records=epoch_records,
         num_replicas=num_replicas,
         rank=rank,
     )
     cuda = device is not None and device.type == "cuda"
     if cuda and num_workers == 0:
-        return DeviceBatches(dataset, codes, sampler, device)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers,
-                      pin_memory=cuda)
+        return DeviceBatches(dataset, codes, sampler, device, history_suffix=history_suffix)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=CodeCollator(codes, history_suffix=history_suffix),
+                      num_workers=num_workers, pin_memory=cuda)
 
 
-def eval_loader(dataset: SequenceDataset, codes: ItemCodes, batch_size: int, *, num_workers: int = 0) -> DataLoader:
-    """Unsharded loader over all records in length order (ready for ``accelerator.prepare``).
+def eval_loader(
+    dataset: SequenceDataset, codes: ItemCodes, batch_size: int, *, history_suffix: bool, num_workers: int = 0
+) -> DataLoader:
+    """Unsharded loader over all records in length order (ready for ``accelerator.prepare``); ``history_suffix``
+    as in ``CodeCollator``.
 
     Records are visited sorted by history length so each batch pads little; metrics are averages over users,
     so the order does not change them.
     """
     ordered = dataset.sorted_by_length()
     sampler = BatchSampler(SequentialSampler(ordered), batch_size=batch_size, drop_last=False)
-    return DataLoader(ordered, batch_sampler=sampler, collate_fn=CodeCollator(codes), num_workers=num_workers)
+    collate = CodeCollator(codes, history_suffix=history_suffix)
+    return DataLoader(ordered, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)

@@ -63,7 +63,10 @@ class SampleOutput(NamedTuple):
 
 
 def trim_history(history_codes: Tensor) -> Tensor:
-    """Drop leading and trailing columns that are padding (-1) in every row: (B, S) -> (B, S')."""
+    """Drop leading and trailing columns that are padding (-1) in every row: (B, S) -> (B, S').
+
+    Padding comes in whole items, so item-aligned rows stay item-aligned (whatever the tokens per item).
+    """
     used = (history_codes >= 0).any(dim=0).nonzero()
     if used.numel() == 0:
         return history_codes[:, :1]

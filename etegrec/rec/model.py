@@ -1,7 +1,8 @@
 """The generative recommender: a T5 encoder-decoder over item-code tokens (paper §3.2).
 
-The encoder reads the history as code tokens (item ``i`` contributes ``code_length`` tokens, the ``l``-th one
-from the level-``l`` table), the decoder emits the target item's code tuple one level at a time after a BOS
+The encoder reads the history as code tokens (item ``i`` contributes ``history_tokens_per_item`` tokens: its
+``code_length`` tokens, or with ``history_suffix: false`` its level codes alone; the ``l``-th one from the
+level-``l`` table), the decoder emits the target item's code tuple one level at a time after a BOS
 embedding. Each level has one ``Embedding(code_num, d_model)`` table that is at once the encoder input table,
 the decoder input table and the level's output classifier (tied, as in the reference).
 
@@ -29,6 +30,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from etegrec.config import ModelConfig
 from etegrec.rec.losses import rec_loss
+from etegrec.tokenizer.item_codes import history_width
 
 
 class EncoderOut(NamedTuple):
@@ -81,7 +83,7 @@ class GenerativeRecommender(nn.Module):
     """T5 over item-code tokens with tied per-level token tables and the two alignment adapters.
 
     Args:
-        cfg: the ``model`` config section (T5 sizes, ``code_num`` K, ``code_length`` C).
+        cfg: the ``model`` config section (T5 sizes, ``code_num`` K, ``code_length`` C, ``history_suffix``).
         semantic_dim: d_s, the tokenizer's input dimension (PSA compares h_D with the reconstruction in it).
         latent_dim: the tokenizer's latent dimension ``e_dim`` (SIA quantizes z_E with its codebooks).
     """
@@ -92,6 +94,8 @@ class GenerativeRecommender(nn.Module):
             raise ValueError(f"semantic_dim={semantic_dim} and latent_dim={latent_dim} must be positive")
         self.code_length = cfg.code_length
         self.code_num = cfg.code_num
+        self.history_suffix = cfg.history_suffix
+        self.history_tokens_per_item = history_width(cfg.code_length, cfg.history_suffix)  # C, or L without suffix
         self.d_model = cfg.d_model
         self.t5 = T5ForConditionalGeneration(t5_config(cfg))
         self.token_embeddings = nn.ModuleList(nn.Embedding(cfg.code_num, cfg.d_model) for _ in range(cfg.code_length))
@@ -112,15 +116,16 @@ class GenerativeRecommender(nn.Module):
         """All level tables stacked: (C*K, d); row l*K + k is level l, code k."""
         return torch.cat([emb.weight for emb in self.token_embeddings], dim=0)
 
-    def _embed_codes(self, codes: Tensor, first_level: int = 0) -> Tensor:
-        """Embed codes whose position p is level ``(first_level + p) % C``; -1 gives a zero vector.
+    def _embed_codes(self, codes: Tensor, period: int) -> Tensor:
+        """Embed codes whose position p is level ``p % period``; -1 gives a zero vector.
 
         Args:
             codes: (B, S) long.
+            period: tokens per item (<= C).
         Returns:
             (B, S, d).
         """
-        levels = (torch.arange(codes.shape[1], device=codes.device) + first_level) % self.code_length  # (S,)
+        levels = torch.arange(codes.shape[1], device=codes.device) % period  # (S,)
         flat = codes.clamp(min=0) + levels * self.code_num  # (B, S) rows of the stacked table
         emb = F.embedding(flat, self._token_table())  # (B, S, d)
         return emb * (codes >= 0).unsqueeze(-1).to(emb.dtype)
@@ -134,17 +139,18 @@ class GenerativeRecommender(nn.Module):
             (B, t+1, d).
         """
         bos = self.t5.shared.weight[0].expand(prefix_codes.shape[0], 1, self.d_model)  # (B, 1, d)
-        return torch.cat([bos, self._embed_codes(prefix_codes)], dim=1)
+        return torch.cat([bos, self._embed_codes(prefix_codes, self.code_length)], dim=1)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, history_codes: Tensor) -> EncoderOut:
         """Run the encoder over the flattened history codes.
 
         Args:
-            history_codes: (B, S) long, S = T*C, item-aligned, -1 = padding.
+            history_codes: (B, S) long, S = T * ``history_tokens_per_item``, item-aligned, -1 = padding.
         """
         mask = history_codes >= 0  # (B, S)
-        out = self.t5.encoder(inputs_embeds=self._embed_codes(history_codes), attention_mask=mask[:, None, None, :])
+        embedded = self._embed_codes(history_codes, self.history_tokens_per_item)  # (B, S, d)
+        out = self.t5.encoder(inputs_embeds=embedded, attention_mask=mask[:, None, None, :])
         return EncoderOut(hidden=out.last_hidden_state, mask=mask)
 
     # ------------------------------------------------------------------ decoder
@@ -194,7 +200,7 @@ class GenerativeRecommender(nn.Module):
         """Teacher-forced pass: logits for every level of the target and the recommendation loss.
 
         Args:
-            history_codes: (B, S) long, -1 = padding.
+            history_codes: (B, S) long, item-aligned as ``encode`` reads it, -1 = padding.
             target_codes: (B, C) long.
         """
         enc = self.encode(history_codes)

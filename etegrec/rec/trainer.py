@@ -212,6 +212,7 @@ class JointTrainer:
             self.train_set,
             self.codes,
             tc.batch_size,
+            history_suffix=cfg.model.history_suffix,
             seed=tc.seed,
             window=tc.bucket_window,
             max_tokens=tc.max_batch_tokens,
@@ -627,7 +628,8 @@ class JointTrainer:
 
     def _evaluate(self, split: str) -> dict[str, float]:
         tc = self.cfg.train
-        loader = eval_loader(self.eval_sets[split], self.codes, tc.eval_batch_size, num_workers=tc.num_workers)
+        loader = eval_loader(self.eval_sets[split], self.codes, tc.eval_batch_size,
+                             history_suffix=self.cfg.model.history_suffix, num_workers=tc.num_workers)
         return evaluate(self.model, self.codes.trie(self.device), loader, self.acc, tc.num_beams, tc.metrics)
 
     def _validate(self, phase: str, patience_limit: int) -> None:

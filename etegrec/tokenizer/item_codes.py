@@ -81,6 +81,11 @@ class ItemCodes:
             self._tries[key] = ItemTrie(self).to(device)
         return self._tries[key]
 
+    def history_table(self, suffix: bool, device: torch.device | str = "cpu") -> Tensor:
+        """The codes the encoder reads per history item: (N+1, C) with the suffix, else a (N+1, L) view without
+        it (``history_width``); on ``device`` as ``table_on``, and like ``table`` updated in place."""
+        return self.table_on(device)[:, : history_width(self.code_length, suffix)]
+
     def table_on(self, device: torch.device | str) -> Tensor:
         """``table`` on ``device``: itself on the CPU, elsewhere a copy made once per version of the codes."""
         device = torch.device(device)
@@ -116,6 +121,11 @@ class ItemCodes:
             self.table[1:].copy_(codes)
             self._tries.clear()
             self._tables.clear()
+
+
+def history_width(code_length: int, suffix: bool) -> int:
+    """Tokens per history item: all C tokens of an ID, or its L = C-1 level codes without the suffix."""
+    return code_length if suffix else code_length - 1
 
 
 def _checked(codes: Any, code_num: int, n_items: int | None, code_length: int | None) -> Tensor:
