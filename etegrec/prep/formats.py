@@ -10,6 +10,7 @@ from etegrec.prep.amazon import AMAZON_FORMATS
 from etegrec.errors import PrepError
 from etegrec.prep.reading import RawFormat
 
+
 def raw_formats() -> dict[str, RawFormat]:
     """All supported ``raw_format`` values."""
     return {**AMAZON_FORMATS, **converters.FORMATS}

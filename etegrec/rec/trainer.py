@@ -230,15 +230,19 @@ class JointTrainer:
         if resume is not None:
             self._restore(resume)
         # (L,) distance unit per level: SIA's temperature under sia_tau=auto and the unit of code_refresh_margin
-        self.code_gap = self._nearest_code_gap()
+        self.code_gap = self._nearest_code_gap()  # None when neither uses it
         self._sia_entropy: list[Tensor] = []  # (2, L) per step of the current epoch: target / sequence entropy
         self._grad_norms: dict[str, list[Tensor]] = {"sia": [], "total": []}  # tokenizer encoder, sampled steps
         self._sia_steps = 0  # tokenizer-phase batches with SIA in the current epoch (every 10th is sampled)
         self._last_valid: dict[str, float] = {}  # latest validation metrics (compared after a code refresh)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _nearest_code_gap(self) -> Tensor:
-        """(L,) median nearest/second-nearest code distance gap of the current tokenizer over the catalogue."""
+    def _nearest_code_gap(self) -> Tensor | None:
+        """(L,) median nearest/second-nearest code distance gap of the current tokenizer over the catalogue; None
+        (not measured: it costs a pass over the catalogue) unless ``sia_tau=auto`` or ``code_refresh_margin`` > 0."""
+        tc = self.cfg.train
+        if sia_temperature(tc.sia_tau) is not None and tc.code_refresh_margin <= 0:
+            return None
         gap = nearest_code_gap(self.tokenizer.catalogue_distances(self.vectors[1:]))  # (L,)
         logger.info("code distance unit (median nearest/second-nearest gap) per level: %s",
                     "/".join(f"{g:.4g}" for g in gap.tolist()))

@@ -234,6 +234,17 @@ def balanced_codes(distances: Tensor, prefix: Tensor | None, epsilon: float, ite
     return codes
 
 
+def _level_codes(
+    distances: Tensor, earlier: list[Tensor], sk_epsilons: Sequence[float] | None, level: int, sk_iters: int
+) -> Tensor:
+    """The codes of one level (B, K) -> (B,): Sinkhorn-balanced within groups of equal ``earlier`` codes where
+    ``sk_epsilons[level]`` > 0, else the nearest code."""
+    eps = 0.0 if sk_epsilons is None else float(sk_epsilons[level])
+    if eps > 0:
+        return balanced_codes(distances, torch.stack(earlier, dim=1) if earlier else None, eps, sk_iters)
+    return distances.detach().argmin(dim=1)
+
+
 class ResidualQuantizer(nn.Module):
     """``L = len(num_emb_list)`` codebooks applied to successive residuals.
 
@@ -276,11 +287,7 @@ class ResidualQuantizer(nn.Module):
         codes, dists, losses = [], [], []
         for level, emb in enumerate(self.codebooks):
             d = squared_distances(residual, emb.weight)  # (B, K)
-            eps = 0.0 if sk_epsilons is None else float(sk_epsilons[level])
-            if eps > 0:
-                c = balanced_codes(d, torch.stack(codes, dim=1) if codes else None, eps, sk_iters)  # (B,)
-            else:
-                c = d.detach().argmin(dim=1)  # (B,)
+            c = _level_codes(d, codes, sk_epsilons, level, sk_iters)  # (B,)
             e_c = emb(c)  # (B, e)
             losses.append(F.mse_loss(e_c, residual.detach()) + self.beta * F.mse_loss(e_c.detach(), residual))
             total = total + e_c
@@ -329,9 +336,7 @@ class ResidualQuantizer(nn.Module):
         codes: list[Tensor] = []
         for level, emb in enumerate(self.codebooks):
             d = squared_distances(residual, emb.weight)  # (N, K)
-            eps = 0.0 if sk_epsilons is None else float(sk_epsilons[level])
-            prefix = torch.stack(codes, dim=1) if codes else None
-            proposed = balanced_codes(d, prefix, eps, sk_iters) if eps > 0 else d.argmin(dim=1)  # (N,)
+            proposed = _level_codes(d, codes, sk_epsilons, level, sk_iters)  # (N,)
             old = previous[:, level]  # (N,)
             advantage = d.gather(1, old[:, None]).squeeze(1) - d.gather(1, proposed[:, None]).squeeze(1)  # (N,)
             c = torch.where(unchanged & (advantage <= float(margins[level])), old, proposed)  # (N,)
