@@ -363,6 +363,18 @@ def test_code_refresh_margin_keeps_ids_the_tokenizer_barely_moved(tmp_path, acce
     assert logged["churn"] == 0.0 and torch.equal(joint.codes.stored(), before)
 
 
+def test_code_distance_unit_is_measured_only_where_sia_tau_or_the_margin_uses_it(tmp_path, accelerator) -> None:
+    fixed = trainer.JointTrainer(make_tiny_dataset(tmp_path / "a", sia_tau="1", code_refresh_margin=0.0), accelerator)
+    assert fixed.code_gap is None  # no catalogue pass at start-up
+    fixed._refresh_codes()  # a free refresh needs no unit
+    assert fixed.code_gap is None
+    levels = len(fixed.cfg.tokenizer.num_emb_list)
+    for name, overrides in {"auto": {"sia_tau": "auto", "code_refresh_margin": 0.0},
+                            "margin": {"sia_tau": "1", "code_refresh_margin": 1.0}}.items():
+        used = trainer.JointTrainer(make_tiny_dataset(tmp_path / name, **overrides), accelerator)
+        assert used.code_gap.shape == (levels,) and bool((used.code_gap > 0).all())
+
+
 def test_warmup_ratio_is_a_share_of_each_optimisers_steps(tmp_path, accelerator) -> None:
     cfg = make_tiny_dataset(tmp_path, epochs=8, warmup_steps=0, warmup_ratio=0.25)
     joint = trainer.JointTrainer(cfg, accelerator)
