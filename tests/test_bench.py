@@ -108,15 +108,15 @@ def test_two_invocations_build_a_seed_folder_one_after_the_other(
 
 
 def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) -> None:
-    # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 20 alternating epochs hold 10 recommender epochs
+    # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 40 alternating epochs hold 20 recommender epochs
     cpu = seed_config("scientific", "cpu", 1, tmp_path, [])
-    assert (cpu.train.epochs, cpu.train.cycle) == (20, 2) and matched_recommender_epochs(cpu) == 10
+    assert (cpu.train.epochs, cpu.train.cycle) == (40, 2) and matched_recommender_epochs(cpu) == 20
     # cycle 4: one tokenizer epoch, three recommender epochs per cycle
     cycle4 = seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])
-    assert matched_recommender_epochs(cycle4) == 15
+    assert matched_recommender_epochs(cycle4) == 30
     # warm_phase=recommender: the first cycle's tokenizer epoch inside warm_epoch=2 trains the recommender too
     warm_rec = seed_config("scientific", "cpu", 1, tmp_path, ["--warm_phase=recommender"])
-    assert matched_recommender_epochs(warm_rec) == 11
+    assert matched_recommender_epochs(warm_rec) == 21
 
 
 def test_flop_count_by_hand() -> None:
