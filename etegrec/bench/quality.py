@@ -28,7 +28,7 @@ fresh recommender trained, as TIGER-style, on the item IDs and tokenizer ETEGRec
 (exported by ``export_tokenizer``). The last two need ETEGRec's run of the same seed first.
 
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
-does (``matched_recommender_epochs``: 10 of the ``cpu`` preset's 20 with ``cycle=2``) and the same finetune
+does (``matched_recommender_epochs``: 20 of the ``cpu`` preset's 40 with ``cycle=2``) and the same finetune
 phase; ``eval_step`` and ``early_stop`` count each model's own epochs. ETEGRec's tokenizer epochs are its extra
 cost (see ``wall_s``).
 """
@@ -87,11 +87,12 @@ PRESETS: dict[str, list[str]] = {
     # Constant then a step down (the finetune phase at half the rate) beat cosine decay to 0 over the same epochs
     # (test N@10 0.0383 vs 0.0326) and a constant 2e-3 (0.0297); README "Recipe study" has the table.
     # 40 alternating epochs = 20 recommender epochs (the TIGER-style ablation gets those 20), then up to 4 finetune
-    # epochs at 5e-4: on Scientific (TIGER-style, seeds 2020-2022) 20 recommender epochs gave test N@10 0.0408 +-
-    # 0.0014 against 0.0352 +- 0.0024 with 10, validation flattening after 16-18. Up to 65,536 records per epoch: every record on Scientific, about half of Beauty's, so one run
-    # stays within about an hour on one thread. SIA at the paper's temperature and free code refresh: on Scientific
-    # (seed 2020) sia_tau=auto with code_refresh_margin=1 over-drove the tokenizer (59-99% ID churn per refresh,
-    # collisions up to 20%) and ended at valid N@10 0.0313, against 0.0471 with sia_tau=1 and margin 0.
+    # epochs at 5e-4: on Scientific (TIGER-style, seeds 2020-2022) 20 recommender epochs gave test N@10
+    # 0.0408 +- 0.0011 against 0.0352 +- 0.0024 with 10, validation flattening after 16-18. Up to 65,536 records per
+    # epoch: every record on Scientific (one run 20-40 min on one thread), about half of Beauty's (about twice that).
+    # SIA at the paper's temperature and free code refresh: on Scientific (seed 2020) sia_tau=auto with
+    # code_refresh_margin=1 over-drove the tokenizer (59-99% ID churn per refresh, collisions up to 20%) and ended at
+    # valid N@10 0.0313, against 0.0471 with sia_tau=1 and margin 0.
     "cpu": [
         "--max_his_len=20", "--sasrec_hidden_size=64", "--sasrec_layers=2", "--sasrec_heads=2",
         "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=150",
