@@ -41,6 +41,7 @@ WARM_PHASES = ("tokenizer", "recommender")
 ABLATIONS = ("none", "no_sia", "no_psa", "no_align", "no_alt", "no_ete")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 GRPO_REWARD_TYPES = ("prefix", "cosine", "none")
+GRPO_ROLLOUTS = ("sample", "beam")
 BF16_MODES = ("auto", "true", "false")  # auto = on with CUDA, off on CPU
 METRIC_NAME = re.compile(r"^(recall|ndcg)@([1-9][0-9]*)$")  # recall@K or ndcg@K, K a positive integer
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when present, else CPU; N = a GPU index
@@ -66,6 +67,7 @@ CHOICES: dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]] = {
     "ablation": ABLATIONS,
     "lr_scheduler_type": LR_SCHEDULERS,
     "grpo_reward_type": GRPO_REWARD_TYPES,
+    "grpo_rollout": GRPO_ROLLOUTS,
     "bf16": BF16_MODES,
 }
 
@@ -353,7 +355,12 @@ class GRPOConfig:
     """Step 5: GRPO fine-tuning of a trained recommender."""
 
     sft_ckpt: str = _f("", "joint-training checkpoint to start from (required for GRPO)")
-    grpo_group_size: int = _f(4, "sampled candidates per history (G)")
+    grpo_group_size: int = _f(4, "candidates per history (G)")
+    grpo_rollout: str = _f(
+        "sample",
+        "how the G candidates of a history are drawn: sample (constrained sampling at grpo_temperature) | beam (the "
+        "policy's G best items by constrained beam search: no duplicates, hits as often as recall@G)",
+    )
     grpo_kl_coeff: float = _f(0.05, "KL penalty coefficient to the frozen SFT model")
     grpo_temperature: float = _f(1.0, "sampling temperature of rollouts")
     grpo_reward_alpha: float = _f(0.5, "weight of the graded reward term beside the hit reward")

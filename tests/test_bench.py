@@ -111,6 +111,8 @@ def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) 
     # cycle 2: epochs 0, 2, 4, ... train the tokenizer, so 40 alternating epochs hold 20 recommender epochs
     cpu = seed_config("scientific", "cpu", 1, tmp_path, [])
     assert (cpu.train.epochs, cpu.train.cycle) == (40, 2) and matched_recommender_epochs(cpu) == 20
+    # the measured winner (README, Benchmarks): the paper's SIA temperature, codes kept unless a margin-1 move
+    assert (cpu.train.sia_tau, cpu.train.code_refresh_margin) == ("1", 1.0)
     # cycle 4: one tokenizer epoch, three recommender epochs per cycle
     cycle4 = seed_config("scientific", "cpu", 1, tmp_path, ["--cycle=4", "--eval_step=4"])
     assert matched_recommender_epochs(cycle4) == 30

@@ -90,6 +90,7 @@ def test_aliases() -> None:
         (["--warm_phase=rec"], "warm_phase='rec'; use one of: tokenizer, recommender (command line)"),
         (["--lr_scheduler_type=step"], "lr_scheduler_type='step'; use one of: cosine, linear, constant"),
         (["--grpo_reward_type=dcg"], "grpo_reward_type='dcg'; use one of: prefix, cosine, none"),
+        (["--grpo_rollout=greedy"], "grpo_rollout='greedy'; use one of: sample, beam"),
         (["--tokenizer_input=both"], "tokenizer_input='both'; use one of: dual, collab, text"),
         (["--raw_format=csv"], "raw_format='csv'; use one of: amazon2018, amazon2014, amazon2023, ml-100k"),
         (["--rq_device=gpu"], "rq_device='gpu'; use one of: auto, cpu, cuda, cuda:N (auto = CUDA when present)"),

@@ -174,6 +174,32 @@ def test_rollouts_are_valid_items_with_consistent_log_probs():
     assert torch.isfinite(ro.advantages).all()
 
 
+def test_beam_rollouts_are_the_policys_top_items_with_its_own_log_probs():
+    from etegrec.config import GRPOConfig
+    from etegrec.grpo.rollouts import collect_rollouts
+    from etegrec.rec.generation import SequenceScorer, beam_search
+
+    model, codes = _tiny_model_and_trie(seed=2)
+    trie = codes.trie()
+    history = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, -1, 5, 0, 2]])
+    top = beam_search(model, trie, history, num_beams=5, top_k=5)
+    target = top.items[:, 2]  # the third-best item of each history: a hit inside every group
+    cfg = GRPOConfig(grpo_group_size=5, grpo_rollout="beam", grpo_temperature=1.5)
+    ro = collect_rollouts(model, SequenceScorer(model=copy.deepcopy(model)), trie, _batch(codes, history, target), cfg,
+                          None)
+    assert torch.equal(ro.items, top.items) and torch.equal(ro.codes, top.codes)  # the G best, best first
+    assert all(len(set(row.tolist())) == 5 for row in ro.items)  # distinct: no group repeats an item
+    assert torch.equal(ro.rewards.hit.sum(1), torch.ones(2)) and ro.group_informative.all()
+    # the stored log-probs are the policy's masked, tempered distribution (what the update rescores), not the
+    # beam's ranking score; the reference is a copy of the policy, so its distribution gives the same numbers
+    ref_seq = gather_tokens(ro.ref_log_probs, ro.codes.reshape(-1, 3)).sum(-1)
+    assert torch.allclose(ref_seq, ro.sample_log_probs, atol=1e-4)
+    assert not torch.allclose(ro.sample_log_probs, top.scores.reshape(-1), atol=1e-3)
+    with pytest.raises(ValueError, match="grpo_group_size=21 exceeds the catalogue"):
+        collect_rollouts(model, SequenceScorer(model=copy.deepcopy(model)), trie, _batch(codes, history, target),
+                         GRPOConfig(grpo_group_size=21, grpo_rollout="beam"), None)
+
+
 def test_policy_update_changes_policy_and_keeps_reference_fixed():
     from etegrec.config import GRPOConfig
     from etegrec.grpo.rollouts import collect_rollouts

@@ -1,9 +1,11 @@
-"""GRPO rollouts: G items sampled per history by the current policy, scored for the update that follows.
+"""GRPO rollouts: G items per history from the current policy, scored for the update that follows.
 
-A rollout batch holds everything the policy update needs and nothing it would have to recompute: the samples
-(items and code tuples), the trie children of every sampled prefix, the frozen reference's masked, tempered
-next-token distributions on those prefixes, the sampler's own sequence log-probs (the update checks its
-teacher-forced ones against them), rewards and group advantages.
+The G items are drawn by constrained sampling at ``grpo_temperature`` or, with ``grpo_rollout: beam``, are the
+policy's G best items by constrained beam search (distinct, the ones evaluation ranks first, so a group holds
+the target as often as recall@G). A rollout batch holds everything the policy update needs and nothing it
+would have to recompute: the items and code tuples, the trie children of every prefix, the frozen reference's
+masked, tempered next-token distributions on those prefixes, the policy's own sequence log-probs under that
+distribution (the update checks its teacher-forced ones against them), rewards and group advantages.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 from etegrec.config import GRPOConfig
 from etegrec.grpo.algorithm import Rewards, compute_rewards, group_advantages, masked_log_softmax
 from etegrec.rec.data import Batch
-from etegrec.rec.generation import SequenceScorer, sample
+from etegrec.rec.generation import SequenceScorer, beam_search, sample, sequence_log_probs
 from etegrec.rec.model import GenerativeRecommender
 from etegrec.tokenizer.item_codes import ItemTrie
 
@@ -25,11 +27,11 @@ class Rollouts(NamedTuple):
     """One micro-batch of rollouts, flattened to N = B*G samples where noted."""
 
     history: Tensor  # (B, S) history codes, -1 = pad
-    items: Tensor  # (B, G) sampled item ids
-    codes: Tensor  # (B, G, C) sampled code tuples
-    allowed: Tensor  # (N, C, K) bool, trie children of each sampled prefix
+    items: Tensor  # (B, G) item ids of the rollouts
+    codes: Tensor  # (B, G, C) their code tuples
+    allowed: Tensor  # (N, C, K) bool, trie children of each rollout prefix
     ref_log_probs: Tensor  # (N, C, K) frozen reference, masked and tempered
-    sample_log_probs: Tensor  # (N,) sequence log-probs reported by the sampler
+    sample_log_probs: Tensor  # (N,) the policy's sequence log-probs (masked, tempered) when it drew them
     advantages: Tensor  # (N,)
     informative: Tensor  # (N,) bool, the sample's group has unequal rewards
     rewards: Rewards  # each (B, G)
@@ -45,7 +47,7 @@ def collect_rollouts(
     cfg: GRPOConfig,
     item_vectors: Tensor | None,
 ) -> Rollouts:
-    """Sample G items per history with the current policy (eval mode) and score them (rewards, reference).
+    """Draw G items per history with the current policy (eval mode) and score them (rewards, reference).
 
     Args:
         batch: histories with their held-out next item (``target`` (B,) ids, ``target_codes`` (B, C)).
@@ -53,13 +55,23 @@ def collect_rollouts(
     """
     g = cfg.grpo_group_size
     history = batch.history_codes  # (B, S)
-    out = sample(policy, trie, history, num_samples=g, temperature=cfg.grpo_temperature)  # items (B, G)
-    flat = out.codes.reshape(-1, out.codes.shape[-1])  # (N, C)
+    if cfg.grpo_rollout == "beam":
+        if g > trie.n_items:
+            raise ValueError(f"grpo_group_size={g} exceeds the catalogue ({trie.n_items} items): beam rollouts are "
+                             "distinct items; lower grpo_group_size")
+        top = beam_search(policy, trie, history, num_beams=g, top_k=g)  # items (B, G), best first
+        items, codes = top.items, top.codes
+        # the beam's ranking score is not the renormalised, tempered distribution the update scores: rescore
+        drawn_log_probs = sequence_log_probs(policy, trie, history, codes, cfg.grpo_temperature)  # (B, G)
+    else:
+        out = sample(policy, trie, history, num_samples=g, temperature=cfg.grpo_temperature)  # items (B, G)
+        items, codes, drawn_log_probs = out.items, out.codes, out.log_probs
+    flat = codes.reshape(-1, codes.shape[-1])  # (N, C)
     allowed = trie.allowed_tokens(flat)  # (N, C, K)
-    ref_log_probs = masked_log_softmax(reference(history, out.codes), allowed, cfg.grpo_temperature)  # (N, C, K)
+    ref_log_probs = masked_log_softmax(reference(history, codes), allowed, cfg.grpo_temperature)  # (N, C, K)
     rewards = compute_rewards(
-        out.items,
-        out.codes,
+        items,
+        codes,
         batch.target,
         batch.target_codes,
         alpha=cfg.grpo_reward_alpha,
@@ -69,11 +81,11 @@ def collect_rollouts(
     adv = group_advantages(rewards.reward)
     return Rollouts(
         history=history,
-        items=out.items,
-        codes=out.codes,
+        items=items,
+        codes=codes,
         allowed=allowed,
         ref_log_probs=ref_log_probs,
-        sample_log_probs=out.log_probs.reshape(-1),
+        sample_log_probs=drawn_log_probs.reshape(-1),
         advantages=adv.advantages.reshape(-1),
         informative=adv.informative.repeat_interleave(g),
         rewards=rewards,
