@@ -177,6 +177,34 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
     assert again["runs"] == saved["runs"]
 
 
+def test_a_killed_run_continues_from_its_last_checkpoint(shared_data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from etegrec.runtime import Deadline
+
+    overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]
+    args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1], models=["TIGER-style"],
+                              out=str(tmp_path), parallel=1, time_budget=0.0, deadline=0.0)
+
+    def killed(self, *units, accelerator=None):
+        raise KeyboardInterrupt  # as a kill right after the first epoch's last.pt is written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Deadline, "room_for", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_quality(args, overrides)
+    [interrupted] = (tmp_path / "tiny/scientific/seed1/ckpt/TIGER-style/scientific").iterdir()
+    assert (interrupted / "last.pt").is_file() and not (tmp_path / "quality_tiny.json").exists()
+
+    resumed = run_quality(args, overrides)["runs"]["scientific/seed1/TIGER-style"]
+    assert resumed["resumed"] and Path(resumed["checkpoint"]).parent == interrupted
+    # the same run without the kill (a finished run is never resumed: a fresh folder) gives the same result
+    result_file = tmp_path / "quality_tiny.json"
+    result_file.write_text(json.dumps({**json.loads(result_file.read_text()), "runs": {}}))
+    fresh = run_quality(args, overrides)["runs"]["scientific/seed1/TIGER-style"]
+    assert not fresh["resumed"] and Path(fresh["checkpoint"]).parent != interrupted
+    assert fresh["test"] == pytest.approx(resumed["test"], abs=1e-6) and fresh["epochs_done"] == resumed["epochs_done"]
+
+
 def test_new_seed_reuses_any_prepared_seed_folder(tmp_path: Path) -> None:
     # Seed 2021 prepared earlier; a run of seeds [2022] alone copies its step-1 files and text vectors, not its
     # seed-dependent SASRec vectors, nor lock or temporary files.

@@ -4,7 +4,9 @@ For each dataset and seed, the whole pipeline runs in its own folder ``<out>/<pr
 (data, vectors, tokenizer, checkpoints, logs), so seeds never share a trained artifact; the deterministic data
 preparation and text vectors are copied from the first seed's folder instead of being recomputed. Each
 finished (dataset, seed, model) result is stored at once in ``quality_<preset>.json``; a re-run skips
-finished entries (resume after an interruption by running the same command again).
+finished entries (resume after an interruption by running the same command again). A joint-training run that
+was killed continues from its ``last.pt`` (``<seed folder>/ckpt/<model>/<dataset>/<run>/``) when the same
+command runs again: same config, same result as an uninterrupted run.
 
 Several invocations may share one ``--out`` (e.g. one per ``--models``): steps 1-3 of a seed folder are built
 under a file lock (``<seed folder>/steps1-3.lock``), so a second invocation waits and then reuses them, and a
@@ -230,6 +232,30 @@ def matched_recommender_epochs(cfg: Config) -> int:
     return max(1, training_epochs_of(cfg)[1])
 
 
+def interrupted_run(cfg: Config) -> Path | None:
+    """``last.pt`` of the newest run under ``cfg``'s checkpoint root that stopped before its test (a killed
+    invocation), when it was started with exactly ``cfg``; else None (the run starts afresh)."""
+    from etegrec.rec.checkpoint import read_joint_resume
+    from etegrec.runtime import stored_config
+
+    runs = sorted((cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return None
+    last = runs[-1]
+    obj = read_joint_resume(last)
+    if obj["trainer"]["stage"] == "done":
+        return None  # trained to the end: its result was stored, or the test is all that is left to redo
+    stored, wanted = stored_config(last, obj).to_dict(), cfg.to_dict()
+    differ = sorted(k for k, v in wanted.items() if k != "resume" and stored.get(k) != v)
+    if differ:
+        logger.warning("not resuming %s: it was started with other values of %s; starting afresh", last.parent,
+                       ", ".join(differ))
+        return None
+    logger.info("resuming the interrupted run %s (stage %s, %d epochs done)", last.parent, obj["trainer"]["stage"],
+                obj["trainer"]["epochs_done"])
+    return last
+
+
 def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
            deadline: float | None = None) -> dict[str, Any]:
     """Train/evaluate one model on a built seed folder; returns {"valid": {...}, "test": {...}, ...}.
@@ -255,10 +281,13 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
         if model in ("TIGER-style", "without-ETE"):
             cfg.train.epochs = matched_recommender_epochs(cfg)
             cfg.train.ablation = "no_ete"
+        cfg.train.ckpt_dir = str(Path(cfg.train.ckpt_dir) / model)  # one root per model: its killed run is found
+        interrupted = interrupted_run(cfg)
+        cfg.train.resume = str(interrupted or "")
         result = train_joint(cfg, accelerator, deadline)
         return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"],
                 "recommender_epoch_limit": training_epochs_of(cfg)[1], "epochs_done": result["epochs"],
-                "stopped_by_budget": result["stopped_by_budget"]}
+                "stopped_by_budget": result["stopped_by_budget"], "resumed": interrupted is not None}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -320,6 +349,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]
             lines.append(f"| {key}: steps 1-3 | {build['wall_s']:.0f} s | | built |")
         for key, run in (runs or {}).items():
             end = "stopped by the time budget" if run.get("stopped_by_budget") else "finished"
+            end += " (resumed: wall time of the last invocation only)" if run.get("resumed") else ""
             lines.append(f"| {key} | {run.get('wall_s', 0):.0f} s | {run.get('epochs_done', '')} | {end} |")
         lines.append("")
     return "\n".join(lines)
@@ -394,7 +424,7 @@ def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[
     finally:
         lock.release()
     kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit", "epochs_done",
-            "stopped_by_budget")
+            "stopped_by_budget", "resumed")
     entry = {k: v for k, v in result.items() if k in kept}
     entry.update(wall_s=round(time.perf_counter() - start, 1), started_at=round(started_at, 1),
                  finished_at=round(time.time(), 1))
