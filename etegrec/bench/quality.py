@@ -91,7 +91,7 @@ PRESETS: dict[str, list[str]] = {
     # 40 alternating epochs = 20 recommender epochs (the TIGER-style ablation gets those 20), then up to 4 finetune
     # epochs at 5e-4: on Scientific (TIGER-style, seeds 2020-2022) 20 recommender epochs gave test N@10
     # 0.0408 +- 0.0011 against 0.0352 +- 0.0024 with 10, validation flattening after 16-18. Up to 65,536 records per
-    # epoch: every record on Scientific (one run 20-40 min on one thread), about half of Beauty's (about twice that).
+    # epoch: every record on Scientific (one run 20-45 min on one thread), about half of Beauty's (TIGER-style 74 min).
     # SIA at the paper's temperature (sia_tau=1) with code_refresh_margin=1: an item keeps its code at a level unless
     # another is nearer by one median nearest/second-nearest gap. On Scientific (seeds 2020-2022, 20 recommender
     # epochs) this cut ID churn from 10-17% to 0.4-3.4% per refresh and raised ETEGRec's test N@10 from
