@@ -511,6 +511,20 @@ def test_wrong_kind_of_checkpoint_or_no_checkpoint_is_one_clear_error(sft_checkp
         JointTrainer(cfg, make_accelerator())
 
 
+def test_beam_group_larger_than_the_catalogue_is_a_config_error_before_training(sft_checkpoint, monkeypatch):
+    import etegrec.grpo.trainer
+    from etegrec.errors import ConfigError
+    from etegrec.grpo.trainer import run
+    from etegrec.runtime import make_accelerator
+
+    path, _ = sft_checkpoint
+    monkeypatch.setattr(etegrec.grpo.trainer, "collect_rollouts", lambda *a: pytest.fail("reached the rollouts"))
+    cfg = _grpo_cfg(path, "--grpo_rollout=beam", "--grpo_group_size=100000", "--tensorboard=false")
+    with pytest.raises(ConfigError, match=r"grpo_group_size=100000 exceeds the catalogue \(\d+ items\)") as err:
+        run(cfg, make_accelerator())
+    assert err.value.key == "grpo_group_size"
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run(sft_checkpoint):
     """The user's launcher (2 processes, gloo on CPU): replicas stay equal (checked every epoch by the trainer)."""

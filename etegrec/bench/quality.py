@@ -238,10 +238,10 @@ def interrupted_run(cfg: Config) -> Path | None:
     from etegrec.rec.checkpoint import read_joint_resume
     from etegrec.runtime import stored_config
 
-    runs = sorted((cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
+    runs = (cfg.path(cfg.train.ckpt_dir) / cfg.data.dataset).glob("*/last.pt")
+    last = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+    if last is None:
         return None
-    last = runs[-1]
     obj = read_joint_resume(last)
     if obj["trainer"]["stage"] == "done":
         return None  # trained to the end: its result was stored, or the test is all that is left to redo

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from etegrec.config import GRPOConfig
+from etegrec.errors import ConfigError
 from etegrec.grpo.algorithm import Rewards, compute_rewards, group_advantages, masked_log_softmax
 from etegrec.rec.data import Batch
 from etegrec.rec.generation import SequenceScorer, beam_search, sample, sequence_log_probs
@@ -38,6 +39,13 @@ class Rollouts(NamedTuple):
     group_informative: Tensor  # (B,) bool
 
 
+def check_group_size(cfg: GRPOConfig, trie: ItemTrie) -> None:
+    """Beam rollouts are G distinct items: the catalogue must hold at least ``grpo_group_size`` of them."""
+    if cfg.grpo_rollout == "beam" and cfg.grpo_group_size > trie.n_items:
+        raise ConfigError(f"grpo_group_size={cfg.grpo_group_size} exceeds the catalogue ({trie.n_items} items): beam "
+                          "rollouts are distinct items; lower grpo_group_size", "grpo_group_size")
+
+
 @torch.no_grad()
 def collect_rollouts(
     policy: GenerativeRecommender,
@@ -56,9 +64,7 @@ def collect_rollouts(
     g = cfg.grpo_group_size
     history = batch.history_codes  # (B, S)
     if cfg.grpo_rollout == "beam":
-        if g > trie.n_items:
-            raise ValueError(f"grpo_group_size={g} exceeds the catalogue ({trie.n_items} items): beam rollouts are "
-                             "distinct items; lower grpo_group_size")
+        check_group_size(cfg, trie)
         top = beam_search(policy, trie, history, num_beams=g, top_k=g)  # items (B, G), best first
         items, codes = top.items, top.codes
         # the beam's ranking score is not the renormalised, tempered distribution the update scores: rescore

@@ -64,7 +64,7 @@ from etegrec.config import Config, GRPOConfig, resolve_path
 from etegrec.errors import TrainingError
 from etegrec.grpo.algorithm import gather_tokens, grpo_loss, masked_log_softmax, token_kl
 from etegrec.grpo.config import check_architecture, read_resume_checkpoint, resumed_grpo_config
-from etegrec.grpo.rollouts import Rollouts, collect_rollouts, rollout_stats
+from etegrec.grpo.rollouts import Rollouts, check_group_size, collect_rollouts, rollout_stats
 from etegrec.rec.checkpoint import GRPO_CKPT_FORMAT, load_joint, save_joint
 from etegrec.rec.data import SequenceDataset, eval_loader, item_vectors_by_id, train_loader
 from etegrec.rec.evaluate import evaluate
@@ -139,6 +139,7 @@ class GRPOTrainer:
         self.tokenizer = sft.tokenizer  # unchanged by GRPO; copied into every checkpoint
         self.codes = sft.item_codes  # unchanged by GRPO; copied into every checkpoint
         self.trie = self.codes.trie(self.device)
+        check_group_size(self.cfg.grpo, self.trie)
         self.policy = sft.model.to(self.device).eval()  # eval mode for the whole run: no dropout
         for adapter in (self.policy.enc_adapter, self.policy.dec_adapter):  # not part of the GRPO forward
             adapter.requires_grad_(False)
