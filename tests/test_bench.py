@@ -13,6 +13,7 @@ import torch
 
 from etegrec.artifacts import DatasetFiles
 from etegrec.bench.quality import (
+    PRESETS,
     REPORTED,
     _claim,
     _merge_result,
@@ -105,6 +106,15 @@ def test_two_invocations_build_a_seed_folder_one_after_the_other(
         b.join()
     first, second = sorted(spans)
     assert second[0] >= first[1]  # the second waited for the first (separate lock descriptors, as two processes)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("dataset", sorted(p.stem for p in (Path(__file__).parents[1] / "config").glob("*.yaml")))
+def test_every_preset_is_a_valid_config_for_every_dataset(preset: str, dataset: str, tmp_path: Path) -> None:
+    # a preset's overrides must not clash with a dataset config's own keys (the gpu preset's warm-up steps once
+    # met beauty.yaml's warm-up ratio: a ConfigError a GPU machine would have met first)
+    cfg = seed_config(dataset, preset, 1, tmp_path, [])
+    assert cfg.train.seed == 1 and cfg.data.data_path == str(tmp_path / preset / dataset / "seed1" / "data")
 
 
 def test_tiger_style_gets_as_many_recommender_epochs_as_etegrec(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ def main(argv: list[str]) -> None:
     g.add_argument("--out", default="bench_results/gpu", help="result folder (relative to the repository root)")
     s = sub.add_parser("speed", help="training/evaluation throughput, peak memory, HF generate comparison")
     s.add_argument("--dataset", default="beauty")
+    s.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="model size (paper: the dataset config's own); the speed of what a quality preset trains")
     s.add_argument("--beams", nargs="+", type=int, default=[1, 10, 20, 50])
     s.add_argument("--train_steps", type=int, default=10, help="timed optimiser steps per phase")
     s.add_argument("--eval_users", type=int, default=512, help="users decoded per beam width")

@@ -120,7 +120,7 @@ PRESETS: dict[str, list[str]] = {
     # 10 SASRec epochs took 94 s and an RQ-VAE epoch 0.18 s.
     "gpu": [
         "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=200",
-        "--batch_size=1024", "--lr_rec=0.002", "--lr_scheduler_type=constant", "--warmup_steps=100",
+        "--batch_size=1024", "--lr_rec=0.002", "--lr_scheduler_type=constant", "--warmup_steps=100", "--warmup_ratio=0",
         "--weight_decay=0.0001", "--finetune_lr=0.001", "--lr_id=1e-5", "--warm_epoch=4", "--early_stop=10",
         "--finetune_early_stop=5", "--eval_batch_size=1024",
     ],

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from etegrec.artifacts import atomic_write_json, atomic_write_text
-from etegrec.bench.quality import machine_description
+from etegrec.bench.quality import PRESETS, machine_description
 from etegrec.config import REPO_ROOT, ModelConfig, load_config, resolve_path
 from etegrec.rec.data import eval_loader
 from etegrec.rec.schedule import plan_epoch
@@ -302,8 +302,8 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     result_file = out / f"speed_{args.dataset}.json"
     cfg = load_config(
         REPO_ROOT / "config" / f"{args.dataset}.yaml",
-        [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}", f"--log_dir={out / 'speed_logs'}",
-         "--tensorboard=false"] + overrides,
+        PRESETS[args.preset] + [f"--batch_size={args.batch_size}", f"--ckpt_dir={out / 'speed_ckpt'}",
+                                f"--log_dir={out / 'speed_logs'}", "--tensorboard=false"] + overrides,
     )
     setup_logging(out / f"speed_{args.dataset}.log", keep_for_session=True)
     build_missing(cfg)
@@ -313,7 +313,7 @@ def run_speed(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     peak = matmul_gflops(trainer.device)
     m = cfg.model
     result.update({
-        "dataset": args.dataset, "machine": machine_description(), "matmul_gflops": peak,
+        "dataset": args.dataset, "preset": args.preset, "machine": machine_description(), "matmul_gflops": peak,
         "model": f"T5 {m.encoder_layers}+{m.decoder_layers} layers, d_model {m.d_model}, d_ff {m.d_ff}",
         "threads": torch.get_num_threads(),
     })
