@@ -331,9 +331,10 @@ class TrainConfig:
         0, "training records per epoch: a fresh seeded random subset every epoch (0 = all records)"
     )
     bf16: str = _f(
-        "auto",
-        "bfloat16 autocast of the recommender's training forward, fp32 master weights: auto (on with CUDA, off on "
-        "CPU) | true (also on CPU, worth it with avx512_bf16/AMX) | false",
+        "false",
+        "bfloat16 autocast of the recommender's training forward, fp32 master weights: false | auto (on with CUDA, "
+        "off on CPU) | true (also on CPU, worth it with avx512_bf16/AMX). Changed from auto: on an H200 both bf16 "
+        "runs of the gpu preset ended in NaN and fp32 with TF32 trained as fast (README, GPU)",
     )
     compile: bool = _f(
         False, "torch.compile the recommender's training forward (the first steps of each shape compile; CUDA mainly)"

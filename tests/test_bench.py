@@ -271,6 +271,15 @@ def test_gpu_command_runs_every_step_and_both_trainings_side_by_side(shared_data
     assert "Time budget 1800 s, used " in table and "runs not started within it: none." in table
     assert 0 < saved["meta"]["wall_s"] < 1800
     assert "| scientific/seed1: steps 1-3 |" in table and "| ETEGRec (n=1) |" in table
+    # the speed benchmark of the same preset, on what the command built (as the H200 run did): nothing rebuilt
+    main(["speed", "--preset", "tiny", "--dataset", "scientific", "--train_steps", "2", "--eval_users", "64",
+          "--hf_users", "8", "--beams", "1", "10", "--batch_size", "64", "--out", str(tmp_path / "speed"),
+          f"--data_path={seed_folder / 'data'}", f"--rq_ckpt_dir={seed_folder / 'rqvae'}", "--min_interactions=6"])
+    speed = json.loads((tmp_path / "speed" / "speed_scientific.json").read_text())
+    assert speed["preset"] == "tiny" and speed["model"].startswith("T5 1+1 layers, d_model 32")
+    assert speed["train"]["recommender"]["seq_per_s"] > 0 and speed["eval"]["beams_10"]["users_per_s"] > 0
+    assert speed["eval"]["hf_generate_beams_1"]["top_k_identical_share"] == 1.0
+    assert "building missing artifact" not in (tmp_path / "speed" / "speed_scientific.log").read_text()
 
 
 def test_grpo_waits_for_the_etegrec_run_of_its_seed() -> None:

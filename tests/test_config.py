@@ -289,7 +289,7 @@ def test_given_values_are_only_what_the_user_set(tmp_path: Path) -> None:
 
 
 def test_bf16_takes_auto_or_a_boolean() -> None:
-    assert load_config().train.bf16 == "auto"
+    assert load_config().train.bf16 == "false"  # measured: bf16 NaN twice on an H200, no faster than TF32
     assert load_config(None, ["--bf16=true"]).train.bf16 == "true"  # YAML reads true as a boolean
     assert config_from_dict({"bf16": False}).train.bf16 == "false"  # checkpoints written when bf16 was a bool
     with pytest.raises(ConfigError, match="bf16='maybe'; use one of: auto, true, false"):

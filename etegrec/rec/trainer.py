@@ -41,8 +41,9 @@ Deviations from the reference code:
   padded to the batch maximum (``bucket_window``), a per-batch token budget (``max_batch_tokens``), a random
   subset of records per epoch (``epoch_records``) and ``torch.compile`` of the recommender (``compile``).
 
-Fast path on CUDA (the CPU path is the plain one): bfloat16 autocast of the recommender with fp32 master weights
-(``bf16: auto``), TF32 matmuls while training, fused AdamW, batches gathered on the device
+Fast path on CUDA (the CPU path is the plain one): TF32 matmuls while training, fused AdamW, optional bfloat16
+autocast of the recommender with fp32 master weights (``bf16: auto`` or ``true``; off by default since two bf16
+runs on an H200 ended in NaN while fp32 + TF32 trained as fast), batches gathered on the device
 (``data.DeviceBatches``), and no host synchronisation per step: loss parts are summed on the device
 (``LossSums``) and read every ``sync_every`` optimiser steps (auto: 50) for the NaN check, TensorBoard and the
 progress bar; a non-finite loss is reported with its part and the range of steps it fell in. On CPU every step
