@@ -147,9 +147,14 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 
     cfg = make_tiny_dataset(tmp_path)
     joint = JointTrainer(cfg, make_accelerator())
+    steps_taken = []
+    step = joint.optimizer_step
+    joint.optimizer_step = lambda groups: (steps_taken.append(1), step(groups))
     for phase in ("tokenizer", "recommender"):
         r = time_train_steps(joint, phase, 2)
         assert r["sequences"] == 2 * cfg.train.batch_size and r["seconds"] > 0
+        assert len(steps_taken) == 4  # an untimed pass over the 2 batches, then the timed one
+        steps_taken.clear()
         assert r["dec_tokens"] == r["sequences"] * cfg.model.code_length
         assert 0 < r["enc_tokens_distinct"] <= r["enc_tokens"] and 0 < r["distinct"] <= r["sequences"]
     batches = eval_history_batches(joint, "test", 20)

@@ -74,7 +74,9 @@ def time_train_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
     """Time ``steps`` training steps of a ``JointTrainer`` in ``phase`` (``tokenizer`` | ``recommender``) with every
     loss term on.
 
-    Trains the models as a real epoch would (weights change). Token counts exclude padding, so callers can
+    Trains the models as a real epoch would (weights change). The same ``steps`` batches run twice: an untimed
+    pass first, so that every batch shape's kernels, plans and memory are set up (on a GPU the first step of
+    each new shape costs several steps), then the timed pass. Token counts exclude padding, so callers can
     turn them into useful FLOPs.
 
     Returns:
@@ -89,9 +91,9 @@ def time_train_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
         weights=trainer.weights,
     )
     groups = trainer.start_phase(plan)
-    batches = [b for _, b in zip(range(steps + 1), trainer.train_loader)]
+    batches = [b for _, b in zip(range(steps), trainer.train_loader)]
     out = dict.fromkeys(("sequences", "enc_tokens", "dec_tokens", "distinct", "enc_tokens_distinct"), 0.0)
-    for b in batches[1:]:  # token counts of the timed steps, before timing
+    for b in batches:  # token counts of the timed steps, before timing
         real = b.history_codes >= 0  # (B, S)
         out["sequences"] += b.target.shape[0]
         out["enc_tokens"] += float(real.sum())
@@ -102,15 +104,16 @@ def time_train_steps(trainer: Any, phase: str, steps: int) -> dict[str, float]:
     sums: LossSums | None = None
     start = 0.0
     with cuda_tf32(trainer.device.type == "cuda"):
-        for i, b in enumerate(batches):
-            if i == 1:  # the first step warms up allocators and kernels
+        for timed in (False, True):
+            if timed:
                 sync_device(trainer.device)
                 start = time.perf_counter()
-            names, values = trainer.accumulate(b, plan)
-            sums = sums or LossSums(names, trainer.device)
-            sums.add(values)
-            trainer.optimizer_step(groups)
-        trainer.read_losses(sums, plan, groups)  # as a training epoch does every sync_every steps
+            for b in batches:
+                names, values = trainer.accumulate(b, plan)
+                sums = sums or LossSums(names, trainer.device)
+                sums.add(values)
+                trainer.optimizer_step(groups)
+            trainer.read_losses(sums, plan, groups)  # as a training epoch does every sync_every steps
     sync_device(trainer.device)
     out["seconds"] = time.perf_counter() - start
     return out
