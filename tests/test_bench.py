@@ -320,3 +320,33 @@ def test_time_budget_stops_runs_records_them_and_still_writes_the_tables(shared_
     table = (tmp_path / "quality_tiny.md").read_text()
     assert "| TIGER-style (n=1, 1 stopped by the time budget) |" in table
     assert "runs not started within it: scientific/seed1/ETEGRec" in table
+
+
+def test_a_failed_parallel_run_is_named_with_its_error_in_the_tables_and_the_exit_status(
+        shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a worker that stops with the one-line error every script ends with (here: the NaN guard's)
+    import subprocess
+    import sys
+
+    from etegrec.bench import quality
+    from etegrec.bench.__main__ import main
+
+    def failing_worker(preset, job, out, overrides, env, deadline):
+        log = quality._worker_log(out, quality._run_key(*job))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("epoch 1 recommender: 77%|\rerror: non-finite loss at epoch 1 (recommender phase)\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+
+    monkeypatch.setattr(quality, "_start_worker", failing_worker)
+    with pytest.raises(SystemExit) as stop:
+        main(["quality", "--preset", "tiny", "--datasets", "scientific", "--seeds", "1", "--models", "SASRec",
+              "TIGER-style", "--parallel", "2", "--out", str(tmp_path),
+              f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"])
+    assert stop.value.code == 1  # the tables are written, and a script sees that a run is missing from them
+    saved = json.loads((tmp_path / "quality_tiny.json").read_text())
+    assert saved["meta"]["failed"] == {
+        "scientific/seed1/TIGER-style": "non-finite loss at epoch 1 (recommender phase)"}
+    assert list(saved["runs"]) == ["scientific/seed1/SASRec"]
+    table = (tmp_path / "quality_tiny.md").read_text()
+    assert ("Runs that failed (not in the tables): scientific/seed1/TIGER-style: non-finite loss at epoch 1 "
+            "(recommender phase).") in table

@@ -7,6 +7,7 @@ Options are those below; any other ``--key=value`` is a config override applied 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from etegrec.bench.quality import GPU_MODELS, MODELS, PRESETS
 from etegrec.cli import SETTINGS_HELP, run_script
@@ -59,7 +60,11 @@ def main(argv: list[str]) -> None:
     if args.command == "quality":
         from etegrec.bench.quality import run_quality
 
-        run_quality(args, overrides)
+        failed = run_quality(args, overrides)["meta"].get("failed")
+        if failed:  # the tables are written; the exit status tells a script that some runs are missing from them
+            print(f"error: {len(failed)} benchmark run(s) failed ({', '.join(sorted(failed))}); the reasons are in "
+                  f"the tables' notes and the logs under {args.out}/workers", file=sys.stderr)
+            raise SystemExit(1)
     else:
         from etegrec.bench.speed import run_speed
 

@@ -17,7 +17,8 @@ locks are ``fcntl`` locks, released when their process dies.
 run folder, log (``<out>/workers/<dataset>_seed<k>_<model>.log``) and lock: steps 1-3 of every seed folder
 are built first, in this process, then the workers start; ETEGRec+GRPO and without-ETE start once the ETEGRec
 run of their seed is in the result file. Every writer merges its run into the result file under a file lock, so
-runs of concurrent processes are never lost.
+runs of concurrent processes are never lost. A worker that fails is named in the tables' notes with its log's
+last ``error:`` line, and the benchmark then exits with status 1 once the tables are written.
 
 ``--time_budget SECONDS``: the benchmark ends cleanly within the budget. No run or build starts after the
 deadline; training runs (joint and GRPO) are given it and stop at an epoch boundary in time to test their model
@@ -161,7 +162,8 @@ def seed_folder(out: Path, preset: str, dataset: str, seed: int) -> Path:
     return out / preset / dataset / f"seed{seed}"
 
 
-def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list[str], ablation: str = "none") -> Config:
+def seed_config(dataset: str, preset: str, seed: int, out: Path, overrides: list[str],
+                ablation: str = "none") -> Config:
     """The config of one (dataset, seed) run, isolated in its own folder."""
     root = seed_folder(out, preset, dataset, seed)
     argv = PRESETS[preset] + overrides + [
@@ -330,6 +332,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]
     if meta.get("time_budget_s"):
         lines.append(f"Time budget {meta['time_budget_s']:.0f} s, used {meta.get('wall_s', 0):.0f} s; runs not "
                      f"started within it: {', '.join(meta.get('not_started', [])) or 'none'}.")
+    if meta.get("failed"):
+        lines.append("Runs that failed (not in the tables): "
+                     + "; ".join(f"{key}: {why}" for key, why in sorted(meta["failed"].items())) + ".")
     lines.append("")
     for dataset, models in summary.items():
         lines += [f"### {dataset} (test, full ranking, leave-one-out)", "", "| model | " + " | ".join(REPORTED) + " |",
@@ -432,11 +437,17 @@ def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[
     _merge_result(result_file, {"runs": {}}, key, json.loads(json.dumps(entry, default=str)), meta)
 
 
+def _worker_log(out: Path, key: str) -> Path:
+    """The log file of the worker that runs ``key`` (``dataset/seedK/model``)."""
+    dataset, seed, model = key.split("/")
+    return out / "workers" / f"{dataset}_{seed}_{model}.log"
+
+
 def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: list[str], env: dict[str, str],
                   deadline: float | None) -> subprocess.Popen:
     """One run as ``python -m etegrec.bench quality`` in its own process, logging to its own file."""
     dataset, seed, model = job
-    log = out / "workers" / f"{dataset}_seed{seed}_{model}.log"
+    log = _worker_log(out, _run_key(*job))
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "etegrec.bench", "quality", "--preset", preset, "--datasets", dataset,
                "--seeds", str(seed), "--models", model, "--out", str(out), *overrides]
@@ -444,6 +455,14 @@ def _start_worker(preset: str, job: tuple[str, int, str], out: Path, overrides: 
         command += ["--deadline", repr(deadline)]
     with open(log, "w", encoding="utf-8") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+
+def _worker_error(log: Path, returncode: int) -> str:
+    """Why a worker failed: the last ``error:`` line of its log (the one-line message every script ends with),
+    else its exit code."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    errors = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip().startswith("error:")]
+    return errors[-1].removeprefix("error:").strip() if errors else f"exit code {returncode}"
 
 
 def _ready(job: tuple[str, int, str], finished: dict[str, Any], scheduled: set[str]) -> bool | None:
@@ -483,7 +502,7 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
     workers: dict[str, tuple[subprocess.Popen, float]] = {}
-    failed: set[str] = set()
+    failed: dict[str, str] = meta.setdefault("failed", {})  # run key -> why (in the tables' notes)
     bar = tqdm(total=len(pending), desc=f"quality benchmark, {args.parallel} at once", unit="run")
     try:
         while pending or workers:
@@ -497,17 +516,16 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
                     if key not in failed:
                         logger.error("benchmark run %s still running %.0f s past the deadline: stopped", key,
                                      KILL_GRACE_S)
-                        failed.add(key)
+                        failed[key] = f"still running {KILL_GRACE_S:.0f} s past the deadline: stopped"
                         proc.terminate()
             for key, (proc, start) in list(workers.items()):
                 if proc.poll() is None:
                     continue
                 del workers[key]
                 bar.update(1)
-                if proc.returncode:
-                    failed.add(key)
-                    logger.error("benchmark run %s failed (exit code %d); see %s", key, proc.returncode,
-                                 out / "workers")
+                if proc.returncode and key not in failed:
+                    failed[key] = _worker_error(_worker_log(out, key), proc.returncode)
+                    logger.error("benchmark run %s failed: %s (log: %s)", key, failed[key], _worker_log(out, key))
                 else:
                     logger.info("benchmark run %s done in %.0f s", key, time.perf_counter() - start)
             runs = _read_result(result_file)["runs"]
@@ -518,9 +536,9 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
                 ready = _ready(job, runs, {_run_key(*j) for j in pending} | set(workers))
                 if ready is None:
                     pending.remove(job)
-                    failed.add(key)
+                    failed[key] = "needs the ETEGRec run of its seed, which did not finish"
                     bar.update(1)
-                    logger.error("benchmark run %s needs the ETEGRec run of its seed, which did not finish", key)
+                    logger.error("benchmark run %s %s", key, failed[key])
                 if not ready:
                     continue
                 pending.remove(job)

@@ -273,7 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| decoding | users/s | note |", "|---|---|---|"]
         for key, r in result["eval"].items():
             if key.startswith("beams_"):
-                lines.append(f"| ours, {key[6:]} beams | {r['users_per_s']:.1f} | {100 * r['utilisation']:.1f}% useful-FLOP utilisation |")
+                lines.append(f"| ours, {key[6:]} beams | {r['users_per_s']:.1f} | "
+                             f"{100 * r['utilisation']:.1f}% useful-FLOP utilisation |")
             elif key.startswith("hf_generate_beams_"):
                 lines.append(
                     f"| transformers generate + prefix_allowed_tokens_fn, {key[18:]} beams | {r['users_per_s']:.2f} | "
