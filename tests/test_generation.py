@@ -115,6 +115,27 @@ def test_history_chunking() -> None:
     assert trim_history(codes).tolist() == [[5, 6], [7, -1]]
 
 
+def test_history_chunking_over_distinct_lengths_is_as_cheap_as_over_every_user() -> None:
+    # the programme over the distinct lengths reaches the optimum of the one over every cut between users
+    def cost(lengths: list[int], sizes: list[int], penalty: int) -> int:
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        return sum(size * lengths[end - 1] for size, end in zip(sizes, ends)) + penalty * len(sizes)
+
+    def every_cut_optimum(lengths: list[int], penalty: int) -> int:
+        best = [0] + [math.inf] * len(lengths)
+        for j in range(1, len(lengths) + 1):
+            best[j] = min(best[i] + (j - i) * lengths[j - 1] for i in range(j)) + penalty
+        return best[-1]
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).sort().values
+        penalty = [0, 3, 10, 128][trial % 4]
+        sizes = _length_chunks(lengths, penalty)
+        assert sum(sizes) == len(lengths) and min(sizes) > 0
+        assert cost(lengths.tolist(), sizes, penalty) == every_cut_optimum(lengths.tolist(), penalty)
+
+
 def test_beam_search_returns_valid_distinct_items() -> None:
     model, codes = tiny_model(), catalogue(60)
     trie = ItemCodes(codes, K).trie()

@@ -94,20 +94,25 @@ def _length_chunks(lengths: Tensor, token_penalty: int = 128) -> list[int]:
     """Split users sorted by history length into contiguous chunks, each padded to its own longest history.
 
     Minimises ``sum_chunks(users * longest) + token_penalty * chunks`` (padded tokens plus a per-call cost) by
-    dynamic programming over the sorted lengths; returns the chunk sizes.
+    dynamic programming; returns the chunk sizes. Cuts fall only where the length changes: moving the users of one
+    length at the start of a chunk into the chunk before never adds padding, so the programme runs over the G
+    distinct lengths (at most ``max_his_len`` + 1) instead of the n users (O(G^2), not O(n^2), per batch).
     """
-    longest = lengths.double().numpy()  # (n,) ascending: a chunk ending at j is padded to longest[j]
-    n = longest.shape[0]
-    best = np.zeros(n + 1)  # best[j]: cost of the first j users
-    cut = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        options = best[:j] + (j - np.arange(j)) * longest[j - 1]  # last chunk = users i..j-1
+    values, counts = torch.unique_consecutive(lengths, return_counts=True)
+    longest = values.double().numpy()  # (G,) ascending: a chunk ending with group j is padded to longest[j]
+    ends = np.cumsum(counts.numpy())  # (G,) users in groups 0..j
+    starts = ends - counts.numpy()  # (G,) users before group j
+    groups = longest.shape[0]
+    best = np.zeros(groups + 1)  # best[j]: cost of the users of the first j groups
+    cut = np.zeros(groups + 1, dtype=np.int64)
+    for j in range(1, groups + 1):
+        options = best[:j] + (ends[j - 1] - starts[:j]) * longest[j - 1]  # last chunk = groups i..j-1
         cut[j] = int(options.argmin())
         best[j] = options[cut[j]] + token_penalty
     sizes = []
-    j = n
+    j = groups
     while j > 0:
-        sizes.append(int(j - cut[j]))
+        sizes.append(int(ends[j - 1] - starts[cut[j]]))
         j = int(cut[j])
     return sizes[::-1]
 
