@@ -164,7 +164,8 @@ def test_speed_benchmark_counts_real_tokens(tmp_path: Path) -> None:
 
 def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(datasets=["scientific"], preset="tiny", seeds=[1],
-                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO", "without-ETE"],
+                              models=["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO", "without-ETE",
+                                      "without-alignment"],
                               out=str(tmp_path), parallel=1, time_budget=0.0, deadline=0.0)
     overrides = [f"--raw_file={shared_data / 'scientific2018_cgr'}", "--min_interactions=6"]  # 465 users, 231 items
     state = run_quality(args, overrides)
@@ -186,6 +187,9 @@ def test_quality_benchmark_tiny_end_to_end(shared_data: Path, tmp_path: Path) ->
     assert torch.equal(without["item_codes"], ete["item_codes"])
     assert all(torch.equal(without["tokenizer"][k], v) for k, v in ete["tokenizer"].items())
     assert without["config"]["ablation"] == "no_ete"
+    # without-alignment: ETEGRec's schedule with SIA and PSA off
+    unaligned = torch.load(saved["runs"]["scientific/seed1/without-alignment"]["checkpoint"], weights_only=True)
+    assert unaligned["config"]["ablation"] == "no_align" and unaligned["config"]["epochs"] == ete["config"]["epochs"]
     assert (tmp_path / "quality_tiny.md").read_text().count("| ") > 4
     # a second invocation resumes: nothing is re-run, the same result comes back
     again = run_quality(args, overrides)

@@ -26,9 +26,11 @@ deadline; training runs (joint and GRPO) are given it and stop at an epoch bound
 are stopped (not recorded). The tables cover what finished.
 
 Models: SASRec (step 2.1's own test metrics), TIGER-style (the pretrained tokenizer's IDs frozen, recommender
-only), ETEGRec, ETEGRec+GRPO (GRPO on ETEGRec's checkpoint) and without-ETE, the paper's "w/o ETE" ablation: a
-fresh recommender trained, as TIGER-style, on the item IDs and tokenizer ETEGRec's best checkpoint ended with
-(exported by ``export_tokenizer``). The last two need ETEGRec's run of the same seed first.
+only), ETEGRec, without-alignment (the paper's "w/o L_SIA & L_PSA": ETEGRec's alternating training with both
+alignment losses off, ``ablation: no_align``), ETEGRec+GRPO (GRPO on ETEGRec's checkpoint) and without-ETE, the
+paper's "w/o ETE" ablation: a fresh recommender trained, as TIGER-style, on the item IDs and tokenizer ETEGRec's
+best checkpoint ended with (exported by ``export_tokenizer``). The last two need ETEGRec's run of the same seed
+first.
 
 Same budget: the TIGER-style ablation trains the recommender for as many epochs as ETEGRec's alternating phase
 does (``matched_recommender_epochs``: 20 of the ``cpu`` preset's 40 with ``cycle=2``) and the same finetune
@@ -67,7 +69,7 @@ from etegrec.locks import FileLock
 logger = logging.getLogger("etegrec.bench")
 
 REPORTED = ["recall@5", "ndcg@5", "recall@10", "ndcg@10"]
-MODELS = ["SASRec", "TIGER-style", "ETEGRec", "ETEGRec+GRPO", "without-ETE"]
+MODELS = ["SASRec", "TIGER-style", "ETEGRec", "without-alignment", "ETEGRec+GRPO", "without-ETE"]
 DEPENDS_ON_ETEGREC = ("ETEGRec+GRPO", "without-ETE")  # start from the ETEGRec run of the same seed
 GPU_MODELS = ["SASRec", "TIGER-style", "ETEGRec"]  # `python -m etegrec.bench gpu`: the last two side by side
 KILL_GRACE_S = 30.0  # --parallel: a worker still running this long past the deadline is terminated
@@ -271,7 +273,7 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
         metrics = json.loads(DatasetFiles.from_config(cfg).sasrec_metrics.read_text())
         return {"valid": metrics.get("valid", {}), "test": metrics["test"]}
     accelerator = make_accelerator()
-    if model in ("TIGER-style", "ETEGRec", "without-ETE"):
+    if model in ("TIGER-style", "ETEGRec", "without-ETE", "without-alignment"):
         from etegrec.rec.trainer import run as train_joint
 
         if model == "without-ETE":
@@ -284,6 +286,8 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
         if model in ("TIGER-style", "without-ETE"):
             cfg.train.epochs = matched_recommender_epochs(cfg)
             cfg.train.ablation = "no_ete"
+        if model == "without-alignment":
+            cfg.train.ablation = "no_align"
         cfg.train.ckpt_dir = str(Path(cfg.train.ckpt_dir) / model)  # one root per model: its killed run is found
         interrupted = interrupted_run(cfg)
         cfg.train.resume = str(interrupted or "")
