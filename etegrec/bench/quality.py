@@ -124,9 +124,9 @@ PRESETS: dict[str, list[str]] = {
     # budget ends joint training.
     "gpu": [
         "--sasrec_epochs=10", "--sasrec_stopping_step=3", "--rq_epochs=200",
-        "--batch_size=1024", "--lr_rec=0.001", "--lr_scheduler_type=constant", "--warmup_steps=100", "--warmup_ratio=0",
-        "--weight_decay=0.0001", "--finetune_lr=0.0005", "--lr_id=1e-5", "--warm_epoch=4", "--early_stop=10",
-        "--finetune_early_stop=5", "--eval_batch_size=1024",
+        "--batch_size=1024", "--lr_rec=0.001", "--lr_scheduler_type=constant", "--warmup_steps=100",
+        "--warmup_ratio=0", "--weight_decay=0.0001", "--finetune_lr=0.0005", "--lr_id=1e-5", "--warm_epoch=4",
+        "--early_stop=10", "--finetune_early_stop=5", "--eval_batch_size=1024",
     ],
     "tiny": [  # seconds-scale run used by the test suite: tiny models, few epochs, collaborative input only
         "--max_his_len=5", "--sasrec_hidden_size=32", "--sasrec_layers=1", "--sasrec_heads=1", "--sasrec_epochs=1",
@@ -527,11 +527,12 @@ def _run_parallel(args: argparse.Namespace, overrides: list[str], out: Path, job
                     continue
                 del workers[key]
                 bar.update(1)
-                if proc.returncode and key not in failed:
-                    failed[key] = _worker_error(_worker_log(out, key), proc.returncode)
-                    logger.error("benchmark run %s failed: %s (log: %s)", key, failed[key], _worker_log(out, key))
-                else:
+                if not proc.returncode:
                     logger.info("benchmark run %s done in %.0f s", key, time.perf_counter() - start)
+                elif key not in failed:  # (a worker stopped past the deadline is in `failed` already)
+                    log = _worker_log(out, key)
+                    failed[key] = _worker_error(log, proc.returncode)
+                    logger.error("benchmark run %s failed: %s (log: %s)", key, failed[key], log)
             runs = _read_result(result_file)["runs"]
             for job in list(pending):
                 if len(workers) >= args.parallel:
