@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from etegrec.config import ModelConfig
+from etegrec.rec.dropout import ATTENTION, use_cheap_cpu_dropout
 from etegrec.rec.losses import rec_loss
 from etegrec.tokenizer.item_codes import history_width
 
@@ -75,7 +76,8 @@ def t5_config(cfg: ModelConfig) -> T5Config:
         use_cache=False,
     )
     # SDPA takes T5's relative position bias as an additive mask; same maths as eager, faster on CPU and GPU.
-    config._attn_implementation = "sdpa"
+    # fast_cpu_dropout: the same, except in training on CPU (etegrec.rec.dropout).
+    config._attn_implementation = ATTENTION if cfg.fast_cpu_dropout else "sdpa"
     return config
 
 
@@ -98,6 +100,8 @@ class GenerativeRecommender(nn.Module):
         self.history_tokens_per_item = history_width(cfg.code_length, cfg.history_suffix)  # C, or L without suffix
         self.d_model = cfg.d_model
         self.t5 = T5ForConditionalGeneration(t5_config(cfg))
+        if cfg.fast_cpu_dropout:
+            use_cheap_cpu_dropout(self.t5)
         self.token_embeddings = nn.ModuleList(nn.Embedding(cfg.code_num, cfg.d_model) for _ in range(cfg.code_length))
         self.enc_adapter = nn.Linear(cfg.d_model, latent_dim)  # z_E = enc_adapter(mean-pooled encoder states)
         self.dec_adapter = nn.Linear(cfg.d_model, semantic_dim)  # h_D = dec_adapter(first decoder state)
