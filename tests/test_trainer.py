@@ -253,6 +253,11 @@ def test_compile_switch_trains_the_compiled_recommender_to_the_eager_result(tmp_
 
 @pytest.mark.slow
 def test_compile_switch_with_inductor(tmp_path, accelerator, monkeypatch) -> None:
+    import torch._inductor.config
+
+    # inductor draws random numbers (dropout masks) with its own generator unless told to use torch's: with other
+    # draws the tiny runs differ by more than the tolerance (2 of 24 test users)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager, fast, compiled = _compiled_and_eager_runs(tmp_path, accelerator, monkeypatch, "inductor")
     assert compiled == ["GenerativeRecommender"] and fast["test"] == pytest.approx(eager["test"], abs=0.05)
 
