@@ -78,7 +78,7 @@ RANGES: dict[str, tuple[str, ...]] = {
         "sasrec_seed", "beta", "rq_weight_decay", "rq_warmup_epochs", "rq_seed", "sk_epsilons", "seed",
         "weight_decay", "id_weight_decay", "code_refresh_margin", "warmup_steps", "warm_epoch", "id_vq_loss",
         "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs",
-        "max_grad_norm", "max_batch_tokens", "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff",
+        "tokenizer_freeze_epoch", "max_grad_norm", "max_batch_tokens", "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff",
         "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm", "grpo_epoch_updates",
     ),
     ">= 1": (
@@ -288,6 +288,12 @@ class TrainConfig:
         "tokenizer",
         "what a cycle's first epoch trains inside warm_epoch: tokenizer (L_SQ alone, as the reference) | "
         "recommender (the pretrained item IDs stay fixed until alignment starts)",
+    )
+    tokenizer_freeze_epoch: int = _f(
+        0,
+        "alternating epoch from which the tokenizer stops: its cycle slots are skipped (no tokenizer epoch, no "
+        "code refresh) and the remaining recommender epochs train on fixed item IDs; 0 = never (paper). Ignored by the "
+        "no_alt and no_ete ablations, which have no cycles",
     )
     id_vq_loss: float = _f(1.0, "tokenizer phase: weight of the semantic quantisation loss L_SQ")
     id_kl_loss: float = _f(0.0001, "tokenizer phase: weight mu of sequence-item alignment (SIA)")

@@ -138,3 +138,16 @@ def test_scheduler_state_survives_a_weights_only_round_trip() -> None:
         opt.step(), sched.step(), other_opt.step(), other.step()
     assert other.get_last_lr() == pytest.approx(sched.get_last_lr())
     assert sched.get_last_lr()[0] == pytest.approx(0.1 * lr_lambda(5, kind="cosine", warmup_steps=2, total_steps=10))
+
+
+def test_tokenizer_freeze_epoch_skips_later_tokenizer_slots_and_keeps_the_recommender_epochs() -> None:
+    p = plans(8, tokenizer_freeze_epoch=4)
+    assert [x.phase for x in p] == ["tokenizer", "recommender"] * 2 + ["frozen", "recommender"] * 2
+    assert not any(x.train_tokenizer or x.train_recommender or x.refresh_codes for x in p[4::2])
+    assert all(x.weights == LossWeights() for x in p[4::2])  # nothing is computed in a skipped slot
+    assert p[5] == p[1]._replace(weights=p[5].weights) and p[5].weights == p[3].weights
+    assert training_epochs(8, cycle=2, ablation="none", tokenizer_freeze_epoch=4) == (2, 4)
+    assert training_epochs(8, cycle=2, ablation="none") == (4, 4)
+    # the ablations without cycles ignore it
+    assert [x.phase for x in plans(4, ablation="no_ete", tokenizer_freeze_epoch=2)] == ["recommender"] * 4
+    assert [x.phase for x in plans(4, ablation="no_alt", tokenizer_freeze_epoch=2)] == ["joint"] * 4

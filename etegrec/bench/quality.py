@@ -225,7 +225,7 @@ def training_epochs_of(cfg: Config) -> tuple[int, int]:
 
     tc = cfg.train
     return training_epochs(tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch,
-                           warm_phase=tc.warm_phase)
+                           warm_phase=tc.warm_phase, tokenizer_freeze_epoch=tc.tokenizer_freeze_epoch)
 
 
 def matched_recommender_epochs(cfg: Config) -> int:

@@ -10,6 +10,8 @@ Phases:
                   tokenizer frozen.
 * ``joint``       ablation ``no_alt``: every loss every epoch, both models train (SIA/PSA weighted by the rec_*
                   keys); codes recomputed after every epoch.
+* ``frozen``      a tokenizer slot from ``tokenizer_freeze_epoch`` on: nothing trains and the codes stay, so the
+                  rest of the alternating phase trains the recommender on fixed item IDs at its own rate.
 * ``finetune``    once the alternating phase has converged: tokenizer frozen for good, L_REC only.
 
 Epochs before ``warm_epoch`` have SIA and PSA switched off (reference behaviour); with ``warm_phase="recommender"``
@@ -34,7 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from etegrec.config import ABLATIONS, LR_SCHEDULERS
 
-PHASES = ("tokenizer", "recommender", "joint", "finetune")
+PHASES = ("tokenizer", "recommender", "joint", "frozen", "finetune")
 
 
 class ConfigWeights(NamedTuple):
@@ -76,6 +78,7 @@ def plan_epoch(
     converged: bool,
     weights: ConfigWeights,
     warm_phase: str = "tokenizer",
+    tokenizer_freeze_epoch: int = 0,
 ) -> EpochPlan:
     """The plan of ``epoch`` (0-based, counted within the alternating phase; ignored once converged).
 
@@ -87,6 +90,7 @@ def plan_epoch(
         converged: the tokenizer is frozen for good (finetune phase).
         weights: configured loss weights.
         warm_phase: what a cycle's first epoch trains before ``warm_epoch``: ``tokenizer`` | ``recommender``.
+        tokenizer_freeze_epoch: first epoch whose tokenizer slot is skipped (``frozen``); 0 = never.
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation={ablation!r}; use one of: {', '.join(ABLATIONS)}")
@@ -99,6 +103,8 @@ def plan_epoch(
             "joint",
             LossWeights(weights.rec_code_loss, weights.id_vq_loss, weights.rec_kl_loss, weights.rec_dec_cl_loss),
         )
+    elif epoch % cycle == 0 and 0 < tokenizer_freeze_epoch <= epoch:
+        return EpochPlan("frozen", False, False, LossWeights(), False)
     elif epoch % cycle == 0 and (epoch >= warm_epoch or warm_phase == "tokenizer"):
         phase, w = "tokenizer", LossWeights(0.0, weights.id_vq_loss, weights.id_kl_loss, weights.id_dec_cl_loss)
     else:
@@ -119,12 +125,14 @@ def plan_epoch(
 
 
 def training_epochs(
-    epochs: int, *, cycle: int, ablation: str, warm_epoch: int = 0, warm_phase: str = "tokenizer"
+    epochs: int, *, cycle: int, ablation: str, warm_epoch: int = 0, warm_phase: str = "tokenizer",
+    tokenizer_freeze_epoch: int = 0,
 ) -> tuple[int, int]:
     """(epochs that train the tokenizer, epochs that train the recommender) in an alternating phase of ``epochs``."""
     plans = [
         plan_epoch(e, cycle=cycle, warm_epoch=warm_epoch, ablation=ablation, converged=False,
-                   weights=ConfigWeights(1, 1, 1, 1, 1, 1), warm_phase=warm_phase)
+                   weights=ConfigWeights(1, 1, 1, 1, 1, 1), warm_phase=warm_phase,
+                   tokenizer_freeze_epoch=tokenizer_freeze_epoch)
         for e in range(epochs)
     ]
     return sum(p.train_tokenizer for p in plans), sum(p.train_recommender for p in plans)

@@ -288,7 +288,8 @@ class JointTrainer:
         tc = self.cfg.train
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.gradient_accumulation_steps)
         tok_epochs, rec_epochs = training_epochs(
-            tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase
+            tc.epochs, cycle=tc.cycle, ablation=tc.ablation, warm_epoch=tc.warm_epoch, warm_phase=tc.warm_phase,
+            tokenizer_freeze_epoch=tc.tokenizer_freeze_epoch,
         )
         self.rec_opt = adamw(self.model.parameters(), tc.lr_rec, tc.weight_decay, self.device)
         self.id_opt = adamw(self.tokenizer.parameters(), tc.lr_id, tc.id_weight_decay, self.device)
@@ -705,7 +706,8 @@ class JointTrainer:
         """What the current epoch trains (``converged``: the tokenizer is frozen for good)."""
         tc = self.cfg.train
         return plan_epoch(self.state.epoch, cycle=tc.cycle, warm_epoch=tc.warm_epoch, ablation=tc.ablation,
-                          converged=converged, weights=self.weights, warm_phase=tc.warm_phase)
+                          converged=converged, weights=self.weights, warm_phase=tc.warm_phase,
+                          tokenizer_freeze_epoch=tc.tokenizer_freeze_epoch)
 
     def _out_of_time(self) -> bool:
         """Whether another epoch, a validation and the test would end past the deadline (same on every process)."""
@@ -739,6 +741,9 @@ class JointTrainer:
         while s.stage == "alternating" and not stopped:
             epoch_start = time.perf_counter()
             plan = self._plan(converged=False)
+            if plan.phase == "frozen" and s.epoch < tc.tokenizer_freeze_epoch + tc.cycle:
+                logger.info("tokenizer frozen from epoch %d (tokenizer_freeze_epoch): the alternating stage goes on "
+                            "with recommender epochs only", s.epochs_done)
             if any(plan.weights):
                 self._train_epoch(plan)
             if plan.refresh_codes:
