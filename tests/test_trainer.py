@@ -404,3 +404,30 @@ def test_tokenizer_epoch_logs_sia_entropies_and_encoder_gradient(tmp_path, accel
     assert logged["sia/grad_norm_encoder_sia"] > 0.0 and logged["sia/grad_norm_encoder_total"] > 0.0
     gap = [logged[f"sia/tau_l{level}"] for level in range(1, levels + 1)]  # sia_tau=auto: the measured gaps
     torch.testing.assert_close(torch.tensor(gap), joint.code_gap)
+
+
+def test_tokenizer_freeze_epoch_keeps_the_ids_of_the_freeze_point_while_the_recommender_trains(
+        tmp_path, accelerator, monkeypatch) -> None:
+    cfg = make_tiny_dataset(tmp_path, epochs=4, finetune_epochs=0, tokenizer_freeze_epoch=2)
+    joint = trainer.JointTrainer(cfg, accelerator)
+    seen = []  # (phase, tokenizer weights) after each trained epoch
+    train_epoch = joint._train_epoch
+
+    def recording_train_epoch(plan):
+        out = train_epoch(plan)
+        seen.append((plan.phase, [p.detach().clone() for p in joint.tokenizer.parameters()]))
+        return out
+
+    joint._train_epoch = recording_train_epoch
+    refreshed = []
+    refresh = joint._refresh_codes
+    joint._refresh_codes = lambda: (refreshed.append(joint.state.epoch), refresh())
+    messages = []
+    monkeypatch.setattr(trainer.logger, "info", lambda msg, *args: messages.append(msg % args))
+    joint.fit()
+    # epoch 0 trains the tokenizer and refreshes; epoch 2 is a skipped slot; epochs 1 and 3 train the recommender
+    assert [phase for phase, _ in seen] == ["tokenizer", "recommender", "recommender"]
+    assert refreshed == [0]
+    assert all(torch.equal(a, b) for a, b in zip(seen[1][1], seen[2][1]))  # tokenizer unchanged after the freeze
+    assert sum(m.startswith("tokenizer frozen from epoch 2 ") for m in messages) == 1
+    assert joint.state.epochs_done == 4

@@ -5,7 +5,8 @@
 1. **Alternating stage.** ``schedule.plan_epoch`` decides each epoch's phase: the first epoch of every cycle
    trains the tokenizer (L_SQ + mu*SIA + lambda*PSA, recommender frozen) and is followed by a re-computation of
    every item's code tuple (with suffix) and the code churn; the other epochs train the recommender
-   (L_REC + mu*SIA + lambda*PSA, tokenizer frozen). Validation (constrained beam search, ``valid_metric``)
+   (L_REC + mu*SIA + lambda*PSA, tokenizer frozen). From ``tokenizer_freeze_epoch`` on (0 = never) the
+   tokenizer epochs are skipped and the IDs stay fixed. Validation (constrained beam search, ``valid_metric``)
    every ``eval_step`` epochs; the best model is ``best.pt``. The stage ends ("the tokenizer has converged")
    when ``early_stop`` evaluations pass without improvement or after ``epochs`` epochs.
 2. **Finetune stage.** The best alternating model is reloaded, the tokenizer is frozen for good and the
