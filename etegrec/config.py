@@ -78,8 +78,8 @@ RANGES: dict[str, tuple[str, ...]] = {
         "sasrec_seed", "beta", "rq_weight_decay", "rq_warmup_epochs", "rq_seed", "sk_epsilons", "seed",
         "weight_decay", "id_weight_decay", "code_refresh_margin", "warmup_steps", "warm_epoch", "id_vq_loss",
         "id_kl_loss", "id_dec_cl_loss", "rec_code_loss", "rec_kl_loss", "rec_dec_cl_loss", "alpha", "finetune_epochs",
-        "tokenizer_freeze_epoch", "max_grad_norm", "max_batch_tokens", "epoch_records", "num_workers", "sync_every", "grpo_kl_coeff",
-        "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm", "grpo_epoch_updates",
+        "tokenizer_freeze_epoch", "max_grad_norm", "max_batch_tokens", "epoch_records", "num_workers", "sync_every",
+        "grpo_kl_coeff", "grpo_reward_alpha", "grpo_epochs", "grpo_max_grad_norm", "grpo_epoch_updates",
     ),
     ">= 1": (
         "max_his_len", "sasrec_hidden_size", "sasrec_layers", "sasrec_heads", "sasrec_epochs", "sasrec_batch_size",
