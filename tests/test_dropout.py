@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from etegrec.config import ModelConfig
-from etegrec.rec.dropout import CheapMaskDropout, keep_mask
+from etegrec.rec.dropout import CheapMaskDropout, keep_mask, t5_attention
 from etegrec.rec.model import GenerativeRecommender
 
 K, C = 6, 3
@@ -84,3 +85,24 @@ def test_training_with_cheap_dropout_changes_outputs_and_keeps_the_decoder_causa
     assert torch.allclose(a[:, :2], b[:, :2])  # positions 0, 1 see target codes < 1 only: same logits
     torch.manual_seed(2)
     assert not torch.allclose(model(history, torch.tensor([[2, 3, 0]])).logits, a)  # dropout acts
+
+
+def test_attention_dropout_has_the_law_of_sdpa_dropout() -> None:
+    # Same query, keys, padding mask and relative bias drawn N times: the cheap path's attention outputs must have
+    # the mean and spread of SDPA's own dropout (torch's mask), element by element, within 5 standard errors.
+    g = torch.Generator().manual_seed(0)
+    n, heads, t, s, d = 20_000, 2, 3, 5, 4
+    q, k, v = (torch.randn(1, heads, m, d, generator=g).expand(n, -1, -1, -1) for m in (t, s, s))
+    bias = torch.randn(1, heads, t, s, generator=g)
+    keys = torch.ones(n, 1, 1, s, dtype=torch.bool)
+    keys[..., -2:] = False  # two padded keys
+    module = nn.Module()
+    module.is_causal = False
+    outs = []
+    for attention in (t5_attention, sdpa_attention_forward):
+        torch.manual_seed(3)
+        outs.append(attention(module, q, k, v, keys, scaling=1.0, dropout=0.3, position_bias=bias)[0])  # (n, t, H, d)
+    (cheap, native), se = outs, outs[1].std(dim=0) / n**0.5
+    assert (cheap.mean(dim=0) - native.mean(dim=0)).abs().le(5 * se * 2**0.5).all()
+    assert (cheap.std(dim=0) / native.std(dim=0) - 1).abs().max() < 0.05
+    assert not torch.equal(cheap[0], cheap[1])  # the draws differ row to row
