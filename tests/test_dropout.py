@@ -98,11 +98,12 @@ def test_attention_dropout_has_the_law_of_sdpa_dropout() -> None:
     keys[..., -2:] = False  # two padded keys
     module = nn.Module()
     module.is_causal = False
-    outs = []
-    for attention in (t5_attention, sdpa_attention_forward):
+    def draws(attention) -> torch.Tensor:  # (n, t, H, d)
         torch.manual_seed(3)
-        outs.append(attention(module, q, k, v, keys, scaling=1.0, dropout=0.3, position_bias=bias)[0])  # (n, t, H, d)
-    (cheap, native), se = outs, outs[1].std(dim=0) / n**0.5
+        return attention(module, q, k, v, keys, scaling=1.0, dropout=0.3, position_bias=bias)[0]
+
+    cheap, native = draws(t5_attention), draws(sdpa_attention_forward)
+    se = native.std(dim=0) / n**0.5
     assert (cheap.mean(dim=0) - native.mean(dim=0)).abs().le(5 * se * 2**0.5).all()
     assert (cheap.std(dim=0) / native.std(dim=0) - 1).abs().max() < 0.05
     assert not torch.equal(cheap[0], cheap[1])  # the draws differ row to row
