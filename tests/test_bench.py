@@ -41,6 +41,16 @@ def test_summary_mean_and_std() -> None:
                                          {"preset": "x", "seeds": [1, 2], "machine": "m", "commit": "c"})
 
 
+def test_run_table_says_how_each_training_stage_ended() -> None:
+    runs = {"d/seed1/ETEGRec": {"test": {m: 0.1 for m in REPORTED}, "wall_s": 60, "epochs_done": 30,
+                                "stage_ends": {"alternating": "early stop after 28 epochs",
+                                               "finetune": "early stop after 2 epochs"}}}
+    table = markdown(summarise(runs, ["d"], ["ETEGRec"]), {"preset": "x", "seeds": [1], "machine": "m", "commit": "c"},
+                     runs)
+    assert "| d/seed1/ETEGRec | 60 s | 30 | finished; alternating: early stop after 28 epochs; finetune: early stop " \
+           "after 2 epochs |" in table
+
+
 def test_result_file_keeps_runs_of_a_concurrent_invocation(tmp_path: Path) -> None:
     result_file = tmp_path / "quality_cpu.json"
     mine = {"runs": {}}

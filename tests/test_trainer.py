@@ -128,6 +128,7 @@ def test_a_passed_deadline_stops_at_the_first_epoch_boundary_and_tests_a_validat
     result = trainer.run(cfg, accelerator, deadline=time.time())
 
     assert result["stopped_by_budget"] and result["epochs"] == 1
+    assert result["stage_ends"] == {"alternating": "time budget after 1 epoch"}
     assert result["best_epoch"] == 0  # no validation was due after epoch 0: the stop validated that model
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result["test"].values())
     last = torch.load(Path(result["run_dir"]) / "last.pt", weights_only=True)
@@ -135,6 +136,18 @@ def test_a_passed_deadline_stops_at_the_first_epoch_boundary_and_tests_a_validat
     far = trainer.run(make_tiny_dataset(tmp_path / "far", epochs=2, finetune_epochs=0), accelerator,
                       deadline=time.time() + 3600)
     assert not far["stopped_by_budget"] and far["epochs"] == 2
+    assert far["stage_ends"] == {"alternating": "epoch limit after 2 epochs"}
+
+
+def test_the_result_says_how_each_stage_ended(tmp_path, accelerator, monkeypatch) -> None:
+    # A validation score that never rises: each stage ends by its patience, not by its epoch limit.
+    cfg = make_tiny_dataset(tmp_path, epochs=8, eval_step=1, early_stop=2, finetune_epochs=5, finetune_early_stop=1)
+    flat = {m: 0.1 for m in cfg.train.metrics}
+    monkeypatch.setattr(trainer.JointTrainer, "_evaluate", lambda self, split: dict(flat))
+    result = trainer.run(cfg, accelerator)
+
+    assert result["stage_ends"] == {"alternating": "early stop after 3 epochs", "finetune": "early stop after 1 epoch"}
+    assert result["epochs"] == 4 and result["best_epoch"] == 0
 
 
 @pytest.mark.parametrize("history_suffix", [True, False])

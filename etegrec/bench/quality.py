@@ -298,7 +298,8 @@ def _train(cfg: Config, model: str, results: dict[str, Any], key_prefix: str,
         result = train_joint(cfg, accelerator, deadline)
         return {"valid": result["valid"], "test": result["test"], "checkpoint": result["best_checkpoint"],
                 "recommender_epoch_limit": training_epochs_of(cfg)[1], "epochs_done": result["epochs"],
-                "stopped_by_budget": result["stopped_by_budget"], "resumed": interrupted is not None}
+                "stage_ends": result["stage_ends"], "stopped_by_budget": result["stopped_by_budget"],
+                "resumed": interrupted is not None}
     if model == "ETEGRec+GRPO":
         from etegrec.grpo.trainer import run as train_grpo
 
@@ -363,6 +364,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]
             lines.append(f"| {key}: steps 1-3 | {build['wall_s']:.0f} s | | built |")
         for key, run in (runs or {}).items():
             end = "stopped by the time budget" if run.get("stopped_by_budget") else "finished"
+            end += "".join(f"; {stage}: {how}" for stage, how in run.get("stage_ends", {}).items())
             end += " (resumed: wall time of the last invocation only)" if run.get("resumed") else ""
             lines.append(f"| {key} | {run.get('wall_s', 0):.0f} s | {run.get('epochs_done', '')} | {end} |")
         lines.append("")
@@ -438,7 +440,7 @@ def _run_job(preset: str, job: tuple[str, int, str], out: Path, overrides: list[
     finally:
         lock.release()
     kept = ("valid", "test", "checkpoint", "sft_valid", "sft_test", "recommender_epoch_limit", "epochs_done",
-            "stopped_by_budget", "resumed")
+            "stage_ends", "stopped_by_budget", "resumed")
     entry = {k: v for k, v in result.items() if k in kept}
     entry.update(wall_s=round(time.perf_counter() - start, 1), started_at=round(started_at, 1),
                  finished_at=round(time.time(), 1))

@@ -104,6 +104,7 @@ class TrainerState:
     best_epoch: int = -1  # epochs_done index of the best evaluation
     best_metrics: dict[str, float] = field(default_factory=dict)
     patience: int = 0  # evaluations without improvement in the current stage
+    stage_ends: dict[str, str] = field(default_factory=dict)  # stage -> how it ended ("early stop after 28 epochs")
 
 
 def bf16_enabled(setting: str, device: torch.device) -> bool:
@@ -716,9 +717,16 @@ class JointTrainer:
             return False
         return not self.budget.room_for("epoch", "eval", "eval", accelerator=self.acc)
 
+    def _stage_end(self, patience_limit: int | None) -> str:
+        """How the current stage ends at this epoch boundary (``patience_limit`` None: the time budget ends it)."""
+        s = self.state
+        why = "time budget" if patience_limit is None else "early stop" if s.patience >= patience_limit else "epoch limit"
+        return f"{why} after {s.epoch} epoch{'' if s.epoch == 1 else 's'}"
+
     def _stop_for_budget(self) -> None:
         """Leave the training loops for the test; validate first when no best model exists yet."""
         s = self.state
+        s.stage_ends[s.stage] = self._stage_end(None)
         logger.info("time budget: stopping after %d epochs (%s stage, epoch %d): one more epoch, a validation and "
                     "the test would end past the deadline", s.epochs_done, s.stage, s.epoch)
         if s.best_epoch < 0:  # validated as the epoch just trained, as the loop would have done
@@ -758,11 +766,8 @@ class JointTrainer:
             s.epoch += 1
             s.epochs_done += 1
             if s.patience >= tc.early_stop or s.epoch >= tc.epochs:
-                logger.info(
-                    "alternating stage done after %d epochs (%s)",
-                    s.epoch,
-                    "early stop" if s.patience >= tc.early_stop else "epoch limit",
-                )
+                s.stage_ends["alternating"] = self._stage_end(tc.early_stop)
+                logger.info("alternating stage done: %s", s.stage_ends["alternating"])
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
             stopped = self._out_of_time()
@@ -775,7 +780,8 @@ class JointTrainer:
             s.epoch += 1
             s.epochs_done += 1
             if s.patience >= tc.finetune_early_stop or s.epoch >= tc.finetune_epochs:
-                logger.info("finetune stage done after %d epochs", s.epoch)
+                s.stage_ends["finetune"] = self._stage_end(tc.finetune_early_stop)
+                logger.info("finetune stage done: %s", s.stage_ends["finetune"])
                 s.stage = "done"
             self._save("last.pt", plan.phase, s.best_metrics)
             stopped = self._out_of_time()
@@ -811,6 +817,7 @@ class JointTrainer:
             "best_epoch": self.state.best_epoch,
             "epochs": self.state.epochs_done,
             "stopped_by_budget": stopped_by_budget,
+            "stage_ends": dict(self.state.stage_ends),
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
         }
