@@ -717,16 +717,16 @@ class JointTrainer:
             return False
         return not self.budget.room_for("epoch", "eval", "eval", accelerator=self.acc)
 
-    def _stage_end(self, patience_limit: int | None) -> str:
-        """How the current stage ends at this epoch boundary (``patience_limit`` None: the time budget ends it)."""
+    def _end_stage(self, why: str) -> None:
+        """Record (in ``stage_ends``, for the result) and log why the current stage ends at this epoch boundary."""
         s = self.state
-        why = "time budget" if patience_limit is None else "early stop" if s.patience >= patience_limit else "epoch limit"
-        return f"{why} after {s.epoch} epoch{'' if s.epoch == 1 else 's'}"
+        s.stage_ends[s.stage] = f"{why} after {s.epoch} epoch{'' if s.epoch == 1 else 's'}"
+        logger.info("%s stage ended: %s", s.stage, s.stage_ends[s.stage])
 
     def _stop_for_budget(self) -> None:
         """Leave the training loops for the test; validate first when no best model exists yet."""
         s = self.state
-        s.stage_ends[s.stage] = self._stage_end(None)
+        self._end_stage("time budget")
         logger.info("time budget: stopping after %d epochs (%s stage, epoch %d): one more epoch, a validation and "
                     "the test would end past the deadline", s.epochs_done, s.stage, s.epoch)
         if s.best_epoch < 0:  # validated as the epoch just trained, as the loop would have done
@@ -766,8 +766,7 @@ class JointTrainer:
             s.epoch += 1
             s.epochs_done += 1
             if s.patience >= tc.early_stop or s.epoch >= tc.epochs:
-                s.stage_ends["alternating"] = self._stage_end(tc.early_stop)
-                logger.info("alternating stage done: %s", s.stage_ends["alternating"])
+                self._end_stage("early stop" if s.patience >= tc.early_stop else "epoch limit")
                 self._start_finetune()
             self._save("last.pt", plan.phase, s.best_metrics)
             stopped = self._out_of_time()
@@ -780,8 +779,7 @@ class JointTrainer:
             s.epoch += 1
             s.epochs_done += 1
             if s.patience >= tc.finetune_early_stop or s.epoch >= tc.finetune_epochs:
-                s.stage_ends["finetune"] = self._stage_end(tc.finetune_early_stop)
-                logger.info("finetune stage done: %s", s.stage_ends["finetune"])
+                self._end_stage("early stop" if s.patience >= tc.finetune_early_stop else "epoch limit")
                 s.stage = "done"
             self._save("last.pt", plan.phase, s.best_metrics)
             stopped = self._out_of_time()
